@@ -1,0 +1,26 @@
+"""`load_split`: one split of a known data set, whole, as host numpy at the requested image size."""
+
+import os
+
+from jaxpurify.data import catalog, digits, tfds_source
+
+
+def load_split(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
+               image_size: int = 32) -> catalog.ImageSplit:
+  """images uint8 [N, image_size, image_size, 3], labels int32 [N].
+
+  `data_dir`: where tfds data sets are prepared (default $JAXPURIFY_DATA_DIR, else ~/tensorflow_datasets).
+  Unknown names or splits, and data sets not prepared there, raise UserError.
+  """
+  spec = catalog.spec(name, split)
+  if spec.prepared:
+    images, labels = tfds_source.read_split(name, split, catalog.resolve_data_dir(data_dir), image_size)
+  else:
+    images, labels = digits.load_digits(split, image_size)
+  return catalog.ImageSplit(images, labels, spec.num_classes, name, split)
+
+
+def ensure_available(name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> None:
+  """Raises UserError at once (no reading, no network) unless `load_split(name, split)` can succeed."""
+  if catalog.spec(name, split).prepared:
+    tfds_source.data_source(name, split, catalog.resolve_data_dir(data_dir))

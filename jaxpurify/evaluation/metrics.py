@@ -1,0 +1,27 @@
+"""Clean accuracy and attack success rate (attacks.md section 5)."""
+
+import numpy as np
+
+from jaxpurify.errors import UserError
+
+
+def backdoor_metrics(pred_clean, labels, pred_triggered=None, target: int | None = None) -> dict[str, float]:
+  """Metrics from predicted labels: clean [N], true labels [N], triggered copies of the same images [N].
+
+  acc: top-1 on the clean test set. asr: fraction of triggered images whose true label is not `target` that
+  are predicted as `target` (BackdoorBench; nan when there are none). asr_all: fraction of all triggered images
+  predicted as `target` (BadEncoder). Without `pred_triggered`, only acc.
+  """
+  pred_clean, labels = np.asarray(pred_clean), np.asarray(labels)
+  metrics = {"acc": float(np.mean(pred_clean == labels))}
+  if pred_triggered is None:
+    return metrics
+  pred_triggered = np.asarray(pred_triggered)
+  if target is None or pred_triggered.shape != labels.shape:
+    raise UserError(f"triggered predictions {pred_triggered.shape} need a target (got {target}) and one entry per "
+                    f"test label {labels.shape}; pass the triggered copies of the test images, in order")
+  hit = pred_triggered == target
+  non_target = labels != target
+  metrics["asr"] = float(np.mean(hit[non_target])) if non_target.any() else float("nan")
+  metrics["asr_all"] = float(np.mean(hit))
+  return metrics

@@ -1,0 +1,36 @@
+"""Encoders and heads. `build_encoder(name, width, rngs)` is the registry the configs name."""
+
+from flax import nnx
+
+from jaxpurify.errors import UserError
+from jaxpurify.models.heads import ProjectionHead
+from jaxpurify.models.resnet import ARCHS, ResNet
+
+
+class SSLModel(nnx.Module):
+  """Backbone plus projection head: `(x, train) -> (feature [B, D], projection [B, P], maps)`."""
+
+  def __init__(self, backbone: ResNet, proj_hidden: int, proj_dim: int, *, rngs: nnx.Rngs):
+    self.backbone = backbone
+    self.head = ProjectionHead(backbone.feature_dim, proj_hidden or backbone.feature_dim, proj_dim, rngs=rngs)
+
+  def __call__(self, x, train: bool = False):
+    feature, maps = self.backbone(x, train)
+    return feature, self.head(feature, train), maps
+
+
+def build_encoder(name: str, width: int, *, rngs: nnx.Rngs) -> ResNet:
+  if name not in ARCHS:
+    raise UserError(f"unknown model {name!r}; set config.model.name to one of {sorted(ARCHS)}")
+  block, stages = ARCHS[name]
+  return ResNet(block, stages, width, rngs=rngs)
+
+
+def build_ssl_model(model_config, seed: int) -> SSLModel:
+  """model_config: name, width, proj_hidden (0 = feature dim), proj_dim."""
+  rngs = nnx.Rngs(seed)
+  backbone = build_encoder(model_config.name, model_config.width, rngs=rngs)
+  return SSLModel(backbone, model_config.proj_hidden, model_config.proj_dim, rngs=rngs)
+
+
+__all__ = ["ARCHS", "ProjectionHead", "ResNet", "SSLModel", "build_encoder", "build_ssl_model"]

@@ -1,0 +1,106 @@
+"""CIFAR-style ResNets in Flax NNX: 3×3 stride-1 stem, no max-pool, no classifier.
+
+`ResNet(x, train)` maps normalised images [B, H, W, 3] to the pooled feature [B, D] and the four stage
+feature maps [B, H_i, W_i, C_i] (H_i = H, H/2, H/4, H/8), which the distillation defenses use.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch's BatchNorm momentum 0.1 is Flax's 0.9 (the weight of the old running value).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_
+
+
+def _conv(cin, cout, kernel, stride, rngs):
+  pad = kernel // 2
+  return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+                  use_bias=False, kernel_init=conv_init, rngs=rngs)
+
+
+def _bn(c, rngs):
+  return nnx.BatchNorm(c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+
+
+def _shortcut(cin, cout, stride, rngs):
+  """1×1 conv + BN projection when the block changes shape, else None (identity)."""
+  if stride == 1 and cin == cout:
+    return None
+  return nnx.List([_conv(cin, cout, 1, stride, rngs), _bn(cout, rngs)])
+
+
+class BasicBlock(nnx.Module):
+  expansion = 1
+
+  def __init__(self, cin: int, width: int, stride: int, *, rngs: nnx.Rngs):
+    self.conv1, self.bn1 = _conv(cin, width, 3, stride, rngs), _bn(width, rngs)
+    self.conv2, self.bn2 = _conv(width, width, 3, 1, rngs), _bn(width, rngs)
+    self.shortcut = _shortcut(cin, width, stride, rngs)
+
+  def __call__(self, x, train: bool):
+    ura = not train
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = self.bn2(self.conv2(y), use_running_average=ura)
+    if self.shortcut is not None:
+      conv, bn = self.shortcut
+      x = bn(conv(x), use_running_average=ura)
+    return jax.nn.relu(x + y)
+
+
+class Bottleneck(nnx.Module):
+  expansion = 4
+
+  def __init__(self, cin: int, width: int, stride: int, *, rngs: nnx.Rngs):
+    cout = width * self.expansion
+    self.conv1, self.bn1 = _conv(cin, width, 1, 1, rngs), _bn(width, rngs)
+    self.conv2, self.bn2 = _conv(width, width, 3, stride, rngs), _bn(width, rngs)
+    self.conv3, self.bn3 = _conv(width, cout, 1, 1, rngs), _bn(cout, rngs)
+    self.shortcut = _shortcut(cin, cout, stride, rngs)
+
+  def __call__(self, x, train: bool):
+    ura = not train
+    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    y = jax.nn.relu(self.bn2(self.conv2(y), use_running_average=ura))
+    y = self.bn3(self.conv3(y), use_running_average=ura)
+    if self.shortcut is not None:
+      conv, bn = self.shortcut
+      x = bn(conv(x), use_running_average=ura)
+    return jax.nn.relu(x + y)
+
+
+ARCHS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+class ResNet(nnx.Module):
+  """CIFAR ResNet; `width` is the first stage's channel count (64 in the papers)."""
+
+  def __init__(self, block, stage_sizes: Sequence[int], width: int = 64, *, rngs: nnx.Rngs):
+    self.stem_conv, self.stem_bn = _conv(3, width, 3, 1, rngs), _bn(width, rngs)
+    cin, stages = width, []
+    for i, n_blocks in enumerate(stage_sizes):
+      blocks = []
+      for j in range(n_blocks):
+        stride = 2 if (i > 0 and j == 0) else 1
+        blocks.append(block(cin, width * 2**i, stride, rngs=rngs))
+        cin = width * 2**i * block.expansion
+      stages.append(nnx.List(blocks))
+    self.stages = nnx.List(stages)
+    self.feature_dim = cin
+
+  def __call__(self, x, train: bool = False):
+    """x: [B, H, W, 3] normalised -> (feature [B, D], [4 stage maps [B, H_i, W_i, C_i]])."""
+    x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+    maps = []
+    for stage in self.stages:
+      for block in stage:
+        x = block(x, train)
+      maps.append(x)
+    return jnp.mean(x, axis=(1, 2)), maps

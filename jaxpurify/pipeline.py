@@ -1,0 +1,98 @@
+"""A run in a workdir: its identity (config.json), its stages (one subfolder each) and its results.
+
+A stage is finished when its `done.json` exists; a finished stage is never recomputed. Only process 0
+writes files.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+
+from jaxpurify.errors import UserError
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _write_json(path: str, obj) -> None:
+  """Atomic write (a kill leaves the old file or the new one, never half of one)."""
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+class Run:
+  """The workdir of one experiment. Creating it claims the workdir for `config` or refuses."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.name = config.experiment
+    saved = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(saved):
+      with open(saved) as f:
+        try:
+          previous = json.load(f)
+        except json.JSONDecodeError:
+          raise UserError(f"{saved} is not valid JSON; restore it or use a new --workdir") from None
+      if previous != current:
+        a, b = _flatten(previous), _flatten(current)
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        raise UserError(f"workdir {workdir} holds a run of a different config (differs in "
+                        f"{', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}); pass another --workdir, "
+                        "or re-run with the config that made it")
+    elif os.path.isdir(workdir) and os.listdir(workdir):
+      raise UserError(f"workdir {workdir} is not empty and holds no jaxpurify run (no config.json); "
+                      "pass an empty or new --workdir")
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+    _write_json(saved, current)
+
+  def stage_dir(self, stage: str) -> str:
+    path = os.path.join(self.workdir, stage)
+    if jax.process_index() == 0:
+      os.makedirs(path, exist_ok=True)
+    return path
+
+  def done(self, stage: str) -> dict | None:
+    """The record a finished stage left, or None while it is not finished."""
+    path = os.path.join(self.workdir, stage, "done.json")
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def finish(self, stage: str, record: dict) -> dict:
+    _write_json(os.path.join(self.stage_dir(stage), "done.json"), record)
+    return record
+
+  def write_results(self, evaluations: dict[str, dict]) -> str:
+    """Writes results.json and results.md; returns the Markdown table."""
+    _write_json(os.path.join(self.workdir, "results.json"),
+                {"experiment": self.name, "evaluations": evaluations, "seed": self.config.seed})
+    table = results_table(evaluations)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "results.md"), "w") as f:
+        f.write(f"# {self.name}\n\n{table}\n")
+    return table
+
+
+def results_table(evaluations: dict[str, dict]) -> str:
+  """Markdown table: one row per evaluation, columns acc/asr/asr_all first, then the rest; values in %."""
+  keys = [k for k in ("acc", "asr", "asr_all") if any(k in e for e in evaluations.values())]
+  keys += sorted({k for e in evaluations.values() for k in e} - set(keys))
+  lines = ["| evaluation | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  for name, row in evaluations.items():
+    cells = [f"{100 * row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "–")) for k in keys]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Self-supervised pre-training methods: one pure jitted step each."""

@@ -1,0 +1,1 @@
+"""The generic training substrate: state, optimiser, checkpoints, metrics and the step loop."""

@@ -1,0 +1,65 @@
+"""The step loop shared by every trainer: resume, log, checkpoint, guard against divergence."""
+
+import time
+from collections.abc import Callable
+
+import jax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from jaxpurify.errors import UserError
+from jaxpurify.train import checkpoint
+from jaxpurify.train.metrics import MetricWriter, non_finite, to_python
+
+
+class Preempted(UserError):
+  """The run saved a checkpoint after a preemption notice and stopped."""
+
+
+def run_steps(stage_dir: str, stage: str, state, step_fn: Callable, batch_fn: Callable[[int], dict],
+              key: jax.Array, *, num_steps: int, log_every: int, checkpoint_every: int, keep: int,
+              images_per_step: int):
+  """Runs `state = step_fn(state, batch_fn(step), key)` until `state.step == num_steps`.
+
+  Resumes from the latest checkpoint in `stage_dir/ckpt`; writes `stage_dir/metrics.jsonl` every
+  `log_every` steps (loss, health metrics, images/s); stops with a UserError on a non-finite metric.
+  Returns the final state, which is also saved.
+  """
+  mngr = checkpoint.manager(f"{stage_dir}/ckpt", every=checkpoint_every, keep=keep)
+  start = mngr.latest_step()
+  if start is not None:
+    state = checkpoint.restore(mngr, start, state)
+  start = start or 0
+  writer = MetricWriter(f"{stage_dir}/metrics.jsonl", resume_step=start)
+  bar = tqdm(total=num_steps, initial=start, desc=stage, disable=jax.process_index() != 0,
+             dynamic_ncols=True, mininterval=1.0)
+  tick, tick_step = time.perf_counter(), start
+  for step in range(start, num_steps):
+    with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
+      state, metrics = step_fn(state, batch_fn(step), key)
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      metrics = to_python(jax.device_get(metrics))
+      bad = non_finite(metrics)
+      if bad:
+        mngr.close()
+        raise UserError(f"stage {stage!r}: {', '.join(bad)} became non-finite at step {done}; lower the "
+                        "learning rate (config.optim.lr) and re-run, or use a new --workdir")
+      now = time.perf_counter()
+      metrics["images_per_s"] = images_per_step * (done - tick_step) / max(now - tick, 1e-9)
+      tick, tick_step = now, done
+      writer.write(done, metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
+      bar.update(done - bar.n)
+    mngr.save(done, args=ocp.args.StandardSave(state), force=done == num_steps)
+    if mngr.reached_preemption(done):
+      mngr.wait_until_finished()
+      mngr.close()
+      raise Preempted(f"stage {stage!r} saved step {done} after a preemption notice; re-run the same "
+                      "command to resume")
+  bar.close()
+  if num_steps > start and mngr.latest_step() != num_steps:
+    mngr.save(num_steps, args=ocp.args.StandardSave(state), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  return state
