@@ -9,8 +9,8 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """'quick,dataset=svhn_cropped' -> ConfigDict over `defaults`, values converted to the default's type.
 
-  A bare word is a boolean flag set to True; a bare value (no '=') that is not a boolean key fills the
-  first key. Unknown keys and unconvertible values raise ValueError.
+  A bare word that names a boolean key sets it to True; any other bare value fills the first key
+  (unless that key is a boolean). Unknown keys and unconvertible values raise ValueError.
   """
   out = ml_collections.ConfigDict(defaults)
   first = next(iter(defaults), None)
@@ -19,7 +19,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     if not eq:
       if isinstance(defaults.get(key), bool):
         key, value = key, "True"
-      elif first is not None:
+      elif first is not None and not isinstance(defaults[first], bool):
         key, value = first, item
     if key not in defaults:
       raise ValueError(f"unknown config argument {key!r}; known: {', '.join(defaults)}")

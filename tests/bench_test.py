@@ -1,0 +1,67 @@
+"""The benchmark command: its JSON numbers, XLA's FLOP count scaling with the batch, and bad input."""
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+
+from absl.testing import absltest
+
+from jaxpurify import bench
+
+TINY = ["--config", "configs/simclr.py:quick", "--config.model.width=4", "--config.model.proj_dim=8",
+        "--steps", "2", "--warmup", "1"]
+
+
+def run_bench(*argv):
+  """-> (exit status, stdout, stderr) of the bench's main, run in-process."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    status = bench.main(list(argv))
+  return status, out.getvalue(), err.getvalue()
+
+
+class BenchTest(absltest.TestCase):
+
+  def test_json_numbers_and_flops_scale_with_batch(self):
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+      for batch in (16, 32):
+        path = os.path.join(tmp, f"b{batch}.json")
+        status, out, _ = run_bench(*TINY, f"--config.train.batch_size={batch}", "--json", path)
+        self.assertEqual(status, 0)
+        self.assertIn("images/s", out)
+        with open(path, encoding="utf-8") as f:
+          results[batch] = json.load(f)
+    small, large = results[16], results[32]
+    self.assertEqual((small["device_count"], small["global_batch"], small["width"]), (8, 16, 4))
+    self.assertGreater(small["compile_s"], 0)
+    self.assertGreater(small["step_ms"], 0)
+    self.assertAlmostEqual(small["images_per_s"], 16 / (small["step_ms"] / 1e3), delta=1e-6)
+    self.assertGreater(small["flops_per_step"], 0)
+    self.assertEqual(small["flops_per_step"], 8 * small["flops_per_step_per_device"])
+    self.assertGreater(small["achieved_tflops_per_device"], 0)
+    # Convolutions dominate, so XLA's count of an independent compile grows about linearly with the batch.
+    self.assertBetween(large["flops_per_step"] / small["flops_per_step"], 1.6, 2.4)
+    for cpu_unknown in ("peak_memory_bytes", "peak_tflops_per_device", "peak_used", "utilisation"):
+      self.assertIsNone(small[cpu_unknown], cpu_unknown)
+
+  def test_bad_input_is_one_error_line(self):
+    for argv in (["--config.model.depth=3"], ["--steps", "0"], ["--workdir", "x"],
+                 ["--config", "configs/nope.py"]):
+      status, out, err = run_bench(*argv)
+      self.assertEqual(status, 2, argv)
+      self.assertEqual(out, "")
+      self.assertTrue(err.startswith("error: ") and err.count("\n") == 1, err)
+
+  def test_matmul_peak_convention(self):
+    self.assertEqual(bench.matmul_peak("NVIDIA H100 80GB HBM3", None)[0], 494.7)  # TF32 tensor cores
+    self.assertEqual(bench.matmul_peak("NVIDIA H200", "highest")[0], 67.0)  # fp32 CUDA cores
+    self.assertEqual(bench.matmul_peak("NVIDIA A100-SXM4-80GB", None)[0], 156.0)
+    self.assertEqual(bench.matmul_peak("TPU v5 lite", None)[0], 197.0)
+    self.assertIsNone(bench.matmul_peak("cpu", None))
+
+
+if __name__ == "__main__":
+  absltest.main()

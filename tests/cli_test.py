@@ -1,0 +1,133 @@
+"""Config language, overrides and workdir identity: every bad input is one line and exit status 2."""
+
+import io
+import json
+import os
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+from configs import common, simclr
+from jaxpurify import cli
+from jaxpurify.errors import UserError
+from jaxpurify.pipeline import Run, results_table
+
+
+class ParseArgTest(absltest.TestCase):
+
+  def test_flags_values_and_types(self):
+    arg = common.parse_arg("quick,n=3,name=svhn", quick=False, n=1, name="cifar10")
+    self.assertEqual((arg.quick, arg.n, arg.name), (True, 3, "svhn"))
+    self.assertEqual(common.parse_arg("svhn", name="cifar10").name, "svhn")  # bare value fills the first key
+
+  def test_unknown_key_and_bad_type(self):
+    with self.assertRaisesRegex(ValueError, "unknown config argument 'fast'"):
+      common.parse_arg("fast", quick=False)
+    with self.assertRaisesRegex(ValueError, "not a int"):
+      common.parse_arg("n=x", n=1)
+
+
+class CliTest(absltest.TestCase):
+
+  def error_of(self, argv):
+    """Runs cli.main in-process; returns (exit status, stderr lines)."""
+    with _Capture() as cap:
+      status = cli.main(argv)
+    return status, cap.lines
+
+  def test_overrides_are_typed_and_checked(self):
+    config = cli.load_config("configs/simclr.py", "quick")
+    cli.apply_overrides(config, [("optim.lr", "0.1"), ("train.epochs", "3"), ("evaluate.monitors", "('knn',)"),
+                                 ("data.name", "gtsrb")])
+    self.assertEqual((config.optim.lr, config.train.epochs, config.evaluate.monitors, config.data.name),
+                     (0.1, 3, ("knn",), "gtsrb"))
+    with self.assertRaisesRegex(UserError, "unknown config key 'optim.lr_rate'; keys under optim: "):
+      cli.apply_overrides(config, [("optim.lr_rate", "0.1")])
+    with self.assertRaisesRegex(UserError, "expected a int"):
+      cli.apply_overrides(config, [("train.epochs", "'ten'")])
+    with self.assertRaisesRegex(UserError, "expected a int, got float"):
+      cli.apply_overrides(config, [("train.epochs", "2.5")])
+
+  def test_config_is_locked(self):
+    config = cli.load_config("configs/simclr.py", None)
+    with self.assertRaises(AttributeError):
+      config.new_field = 1
+
+  def test_bad_inputs_print_one_line_and_exit_2(self):
+    cases = {
+        ("--config", "configs/nope.py"): "does not exist",
+        ("--config", "configs/simclr.py:fast"): "unknown config argument",
+        ("--config", "configs/simclr.py:quick", "--config.train.epochs=x"): "not a Python literal",
+        ("--config", "configs/simclr.py:quick", "--config.data.name=mnist"): "unknown data set",
+        ("--config", "configs/simclr.py:quick", "--config.model.name=vgg"): "unknown model",
+        ("--config", "configs/simclr.py:quick", "--bogus"): "unknown argument",
+        (): "--config is required",
+    }
+    for argv, message in cases.items():
+      status, lines = self.error_of(list(argv))
+      self.assertEqual(status, 2, argv)
+      self.assertLen(lines, 1, argv)
+      self.assertIn(message, lines[0].lower() if message.islower() else lines[0], argv)
+
+  def test_default_workdir(self):
+    self.assertEqual(cli.default_workdir("configs/simclr.py", None), os.path.join("runs", "simclr"))
+    self.assertEqual(cli.default_workdir("configs/simclr.py", "quick,n=2"), os.path.join("runs", "simclr-quick-n=2"))
+
+
+class _Capture:
+  """Collects what is printed to stderr."""
+
+  def __enter__(self):
+    self._old, self._buf = sys.stderr, io.StringIO()
+    sys.stderr = self._buf
+    return self
+
+  def __exit__(self, *exc):
+    sys.stderr = self._old
+    self.lines = [line for line in self._buf.getvalue().splitlines() if line.strip()]
+
+
+class WorkdirTest(absltest.TestCase):
+
+  def tempdir(self) -> str:
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    return tmp.name
+
+  def test_workdir_of_another_config_is_refused_and_untouched(self):
+    workdir = self.tempdir()
+    Run(simclr.get_config("quick"), workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = f.read()
+    other = simclr.get_config("quick")
+    other.optim.lr = 0.5
+    with self.assertRaisesRegex(UserError, r"different config \(differs in optim.lr\)"):
+      Run(other, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+      self.assertEqual(f.read(), saved)
+    Run(simclr.get_config("quick"), workdir)  # the same config resumes
+
+  def test_non_run_directory_is_refused(self):
+    workdir = self.tempdir()
+    with open(os.path.join(workdir, "notes.txt"), "w") as f:
+      f.write("mine")
+    with self.assertRaisesRegex(UserError, "holds no jaxpurify run"):
+      Run(simclr.get_config("quick"), workdir)
+
+  def test_stage_records_and_results(self):
+    workdir = self.tempdir()
+    run = Run(simclr.get_config("quick"), workdir)
+    self.assertIsNone(run.done("pretrain"))
+    run.finish("pretrain", {"steps": 3})
+    self.assertEqual(run.done("pretrain"), {"steps": 3})
+    run.write_results({"clean/digits": {"acc": 0.5, "asr": 0.25}})
+    with open(os.path.join(workdir, "results.json")) as f:
+      results = json.load(f)
+    self.assertEqual(results["evaluations"], {"clean/digits": {"acc": 0.5, "asr": 0.25}})
+    self.assertEqual(results["experiment"], "simclr")
+    self.assertIn("| clean/digits | 50.00 | 25.00 |", results_table(results["evaluations"]))
+
+
+if __name__ == "__main__":
+  absltest.main()
