@@ -41,6 +41,87 @@ def mesh():
   return [("data", -1)]
 
 
+def augment(crop_scale=(0.08, 1.0)):
+  """SimCLR's augmentation as BadEncoder uses it (attacks.md section 3.1)."""
+  return ml_collections.ConfigDict(dict(crop_scale=crop_scale, crop_ratio=(3 / 4, 4 / 3), flip_prob=0.5,
+                                        jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, gray_prob=0.2))
+
+
+def train(batch_size, epochs, log_every=50, checkpoint_every=2000):
+  return ml_collections.ConfigDict(dict(batch_size=batch_size, epochs=epochs, log_every=log_every,
+                                        checkpoint_every=checkpoint_every, keep_checkpoints=2))
+
+
+def optim(name, lr, weight_decay, momentum=0.0, schedule="constant", warmup_steps=0):
+  return ml_collections.ConfigDict(dict(name=name, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                        schedule=schedule, warmup_steps=warmup_steps))
+
+
+def pretraining(method: str, quick: bool) -> ml_collections.ConfigDict:
+  """Self-supervised pre-training block: method, its loss settings, head, augment, optim, train.
+
+  simclr: BadEncoder's recipe (attacks.md 3.1). moco: MoCo v2 with the queue cut to 4096 for CIFAR-sized
+  sets and momentum 0.99 (team choice, attacks.md 3.2). byol: CTRL's CIFAR recipe (attacks.md 3.2).
+  """
+  if method == "simclr":
+    block = dict(method="simclr", simclr=dict(temperature=0.5), head=dict(hidden=0, dim=128),
+                 augment=augment(), optim=optim("adam", 1e-3, 1e-6), train=train(256, 1000))
+  elif method == "moco":
+    block = dict(method="moco", moco=dict(temperature=0.2, queue_size=4096, momentum=0.99),
+                 head=dict(hidden=0, dim=128), augment=augment((0.2, 1.0)),
+                 optim=optim("sgd", 0.06, 5e-4, momentum=0.9, schedule="cosine"), train=train(256, 800))
+  elif method == "byol":
+    block = dict(method="byol", byol=dict(ema=0.996, predictor_hidden=2048), head=dict(hidden=2048, dim=256),
+                 augment=augment((0.2, 1.0)),
+                 optim=optim("sgd", 0.06, 5e-4, momentum=0.9, schedule="cosine"), train=train(256, 800))
+  else:
+    raise ValueError(f"unknown pre-training method {method!r}; use simclr, moco or byol")
+  block = ml_collections.ConfigDict(block)
+  if quick:
+    block.train.update(batch_size=128, epochs=25, log_every=10, checkpoint_every=50)
+    if method == "moco":
+      block.moco.queue_size = 1024
+    if method == "byol":
+      block.head.update(hidden=256, dim=64)
+      block.byol.predictor_hidden = 256
+  return block
+
+
+def pretraining_experiment(method: str, quick: bool) -> ml_collections.ConfigDict:
+  """Pre-train with `method` on CIFAR-10 (quick: digits), then evaluate the frozen encoder downstream."""
+  c = ml_collections.ConfigDict()
+  c.experiment = "pretrain"
+  c.seed = 100
+  c.mesh = mesh()
+  c.data = data("cifar10", quick)
+  c.model = model(quick)
+  c.pretrain = pretraining(method, quick)
+  c.evaluate = evaluate(("cifar10", "stl10", "gtsrb", "svhn_cropped"), quick)
+  return c
+
+
+def data(name: str, quick: bool) -> ml_collections.ConfigDict:
+  """The pre-training data set (quick: the embedded digits)."""
+  return ml_collections.ConfigDict(dict(name="digits" if quick else name, split="train", data_dir="",
+                                        image_size=32))
+
+
+def model(quick: bool) -> ml_collections.ConfigDict:
+  """CIFAR ResNet-18 (quick: width 8) with CIFAR-10 input normalisation."""
+  return ml_collections.ConfigDict(dict(name="resnet18", width=8 if quick else 64, mean=CIFAR10_MEAN,
+                                        std=CIFAR10_STD))
+
+
+def evaluate(datasets, quick: bool) -> ml_collections.ConfigDict:
+  """Frozen-encoder evaluation: the MLP protocol gives `acc`; kNN and linear probe are monitors."""
+  c = ml_collections.ConfigDict(dict(datasets=datasets, protocol="mlp", monitors=("knn", "linear"),
+                                     batch_size=512, mlp=mlp_eval(), linear=linear_eval(), knn=knn_eval()))
+  if quick:
+    c.update(datasets=("digits",), batch_size=256)
+    c.mlp.update(epochs=100, lr=1e-3)
+  return c
+
+
 def mlp_eval():
   """BadEncoder's downstream MLP protocol (shared/spec/attacks.md section 6.1)."""
   return ml_collections.ConfigDict(dict(epochs=500, lr=1e-4, batch_size=64, hidden=(512, 256), dropout=0.5))

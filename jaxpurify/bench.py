@@ -18,8 +18,7 @@ import numpy as np
 from jaxpurify import cli, parallel
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
-from jaxpurify.models import build_ssl_model
-from jaxpurify.stages import SSL_STEPS
+from jaxpurify.ssl import METHODS
 from jaxpurify.train.state import create_state, make_optimizer
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "simclr.py")
@@ -96,17 +95,19 @@ def peak_memory() -> tuple[int, int] | None:
 
 def measure(config, steps: int, warmup: int) -> dict:
   """Builds, compiles and times config's SSL step; returns the numbers `report` prints."""
-  if config.experiment not in SSL_STEPS:
-    raise UserError(f"config.experiment={config.experiment!r} has no SSL step to time; use a config whose "
-                    f"experiment is one of {sorted(SSL_STEPS)}")
-  batch_size, size = config.train.batch_size, config.data.image_size
+  if "pretrain" not in config:
+    raise UserError(f"config.experiment={config.experiment!r} has no pre-training step to time; use a config "
+                    "with a `pretrain` block (configs/simclr.py, moco.py, byol.py)")
+  method = METHODS[config.pretrain.method]
+  batch_size, size = config.pretrain.train.batch_size, config.data.image_size
   mesh = parallel.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    tx = make_optimizer(config.optim)
-    graphdef, state = create_state(lambda: build_ssl_model(config.model, config.seed), tx, mesh)
+    tx = make_optimizer(config.pretrain.optim, steps + warmup)
+    graphdef, state = create_state(lambda: method.build_model(config), tx, mesh,
+                                   lambda s: method.init_extra(config, s))
     images = np.random.default_rng(0).integers(0, 256, (NUM_BATCHES * batch_size, size, size, 3), np.uint8)
-    dataset = DeviceDataset(images, np.zeros(len(images), np.int32), mesh, batch_size, config.seed)
-    step = jax.jit(SSL_STEPS[config.experiment](graphdef, tx, config), donate_argnums=0)
+    dataset = DeviceDataset({"image": images}, mesh, batch_size, config.seed)
+    step = jax.jit(method.make_step(graphdef, tx, config), donate_argnums=0)
     key = jax.device_put(jax.random.key(config.seed), parallel.replicated(mesh))
 
     tick = time.perf_counter()

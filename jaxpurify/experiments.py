@@ -7,7 +7,7 @@ from jaxpurify.errors import UserError
 from jaxpurify.pipeline import Run
 
 
-def simclr(run: Run) -> dict:
+def pretrain(run: Run) -> dict:
   """pretrain -> evaluate: the clean encoder's downstream accuracy."""
   config = run.config
   mesh = parallel.make_mesh(config.mesh)
@@ -16,7 +16,7 @@ def simclr(run: Run) -> dict:
     return stages.evaluate_encoders(run, "evaluate", {"clean": encoder}, config, mesh)
 
 
-EXPERIMENTS = {"simclr": simclr}
+EXPERIMENTS = {"pretrain": pretrain}
 
 
 def check_inputs(config) -> None:

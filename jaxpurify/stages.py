@@ -9,13 +9,10 @@ from flax import nnx
 
 from jaxpurify import augment, data, evaluation, parallel
 from jaxpurify.data.device import DeviceDataset
-from jaxpurify.models import build_ssl_model
-from jaxpurify.ssl import simclr
+from jaxpurify.ssl import METHODS
 from jaxpurify.train import checkpoint
 from jaxpurify.train.loop import run_steps
 from jaxpurify.train.state import create_state, make_optimizer
-
-SSL_STEPS = {"simclr": simclr.make_step}
 
 
 def load_data(config, name: str, split: str) -> data.ImageSplit:
@@ -23,20 +20,22 @@ def load_data(config, name: str, split: str) -> data.ImageSplit:
 
 
 def pretrain_ssl(run, stage: str, config, mesh):
-  """Self-supervised pre-training on config.data; returns (graphdef, TrainState) of the final step."""
-  tx = make_optimizer(config.optim)
-  graphdef, state = create_state(lambda: build_ssl_model(config.model, config.seed), tx, mesh)
+  """Self-supervised pre-training (config.pretrain) on config.data; returns (graphdef, TrainState)."""
+  method, train = METHODS[config.pretrain.method], config.pretrain.train
+  split = load_data(config, config.data.name, config.data.split)
+  dataset = DeviceDataset({"image": split.images}, mesh, train.batch_size, config.seed)
+  num_steps = train.epochs * dataset.steps_per_epoch
+  tx = make_optimizer(config.pretrain.optim, num_steps)
+  graphdef, state = create_state(lambda: method.build_model(config), tx, mesh,
+                                 lambda s: method.init_extra(config, s))
   stage_dir = run.stage_dir(stage)
   if run.done(stage):
     return graphdef, checkpoint.load_latest(f"{stage_dir}/ckpt", state)
-  split = load_data(config, config.data.name, config.data.split)
-  dataset = DeviceDataset(split.images, split.labels, mesh, config.train.batch_size, config.seed)
-  num_steps = config.train.epochs * dataset.steps_per_epoch
-  step = jax.jit(SSL_STEPS[config.experiment](graphdef, tx, config), donate_argnums=0)
+  step = jax.jit(method.make_step(graphdef, tx, config), donate_argnums=0)
   key = jax.device_put(jax.random.key(config.seed), parallel.replicated(mesh))
   state = run_steps(stage_dir, stage, state, step, dataset.batch, key, num_steps=num_steps,
-                    log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
-                    keep=config.train.keep_checkpoints, images_per_step=config.train.batch_size)
+                    log_every=train.log_every, checkpoint_every=train.checkpoint_every,
+                    keep=train.keep_checkpoints, images_per_step=train.batch_size)
   run.finish(stage, {"steps": num_steps, "examples": dataset.num_examples})
   return graphdef, state
 

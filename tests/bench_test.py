@@ -10,7 +10,7 @@ from absl.testing import absltest
 
 from jaxpurify import bench
 
-TINY = ["--config", "configs/simclr.py:quick", "--config.model.width=4", "--config.model.proj_dim=8",
+TINY = ["--config", "configs/simclr.py:quick", "--config.model.width=4", "--config.pretrain.head.dim=8",
         "--steps", "2", "--warmup", "1"]
 
 
@@ -29,7 +29,7 @@ class BenchTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       for batch in (16, 32):
         path = os.path.join(tmp, f"b{batch}.json")
-        status, out, _ = run_bench(*TINY, f"--config.train.batch_size={batch}", "--json", path)
+        status, out, _ = run_bench(*TINY, f"--config.pretrain.train.batch_size={batch}", "--json", path)
         self.assertEqual(status, 0)
         self.assertIn("images/s", out)
         with open(path, encoding="utf-8") as f:

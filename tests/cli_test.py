@@ -38,16 +38,17 @@ class CliTest(absltest.TestCase):
 
   def test_overrides_are_typed_and_checked(self):
     config = cli.load_config("configs/simclr.py", "quick")
-    cli.apply_overrides(config, [("optim.lr", "0.1"), ("train.epochs", "3"), ("evaluate.monitors", "('knn',)"),
-                                 ("data.name", "gtsrb")])
-    self.assertEqual((config.optim.lr, config.train.epochs, config.evaluate.monitors, config.data.name),
-                     (0.1, 3, ("knn",), "gtsrb"))
-    with self.assertRaisesRegex(UserError, "unknown config key 'optim.lr_rate'; keys under optim: "):
-      cli.apply_overrides(config, [("optim.lr_rate", "0.1")])
+    cli.apply_overrides(config, [("pretrain.optim.lr", "0.1"), ("pretrain.train.epochs", "3"),
+                                 ("evaluate.monitors", "('knn',)"), ("data.name", "gtsrb")])
+    self.assertEqual((config.pretrain.optim.lr, config.pretrain.train.epochs, config.evaluate.monitors,
+                      config.data.name), (0.1, 3, ("knn",), "gtsrb"))
+    with self.assertRaisesRegex(UserError, "unknown config key 'pretrain.optim.lr_rate'; keys under "
+                                "pretrain.optim: "):
+      cli.apply_overrides(config, [("pretrain.optim.lr_rate", "0.1")])
     with self.assertRaisesRegex(UserError, "expected a int"):
-      cli.apply_overrides(config, [("train.epochs", "'ten'")])
+      cli.apply_overrides(config, [("pretrain.train.epochs", "'ten'")])
     with self.assertRaisesRegex(UserError, "expected a int, got float"):
-      cli.apply_overrides(config, [("train.epochs", "2.5")])
+      cli.apply_overrides(config, [("pretrain.train.epochs", "2.5")])
 
   def test_config_is_locked(self):
     config = cli.load_config("configs/simclr.py", None)
@@ -58,7 +59,7 @@ class CliTest(absltest.TestCase):
     cases = {
         ("--config", "configs/nope.py"): "does not exist",
         ("--config", "configs/simclr.py:fast"): "unknown config argument",
-        ("--config", "configs/simclr.py:quick", "--config.train.epochs=x"): "not a Python literal",
+        ("--config", "configs/simclr.py:quick", "--config.pretrain.train.epochs=x"): "not a Python literal",
         ("--config", "configs/simclr.py:quick", "--config.data.name=mnist"): "unknown data set",
         ("--config", "configs/simclr.py:quick", "--config.model.name=vgg"): "unknown model",
         ("--config", "configs/simclr.py:quick", "--bogus"): "unknown argument",
@@ -101,8 +102,8 @@ class WorkdirTest(absltest.TestCase):
     with open(os.path.join(workdir, "config.json")) as f:
       saved = f.read()
     other = simclr.get_config("quick")
-    other.optim.lr = 0.5
-    with self.assertRaisesRegex(UserError, r"different config \(differs in optim.lr\)"):
+    other.pretrain.optim.lr = 0.5
+    with self.assertRaisesRegex(UserError, r"different config \(differs in pretrain.optim.lr\)"):
       Run(other, workdir)
     with open(os.path.join(workdir, "config.json")) as f:
       self.assertEqual(f.read(), saved)
@@ -125,7 +126,7 @@ class WorkdirTest(absltest.TestCase):
     with open(os.path.join(workdir, "results.json")) as f:
       results = json.load(f)
     self.assertEqual(results["evaluations"], {"clean/digits": {"acc": 0.5, "asr": 0.25}})
-    self.assertEqual(results["experiment"], "simclr")
+    self.assertEqual(results["experiment"], "pretrain")
     self.assertIn("| clean/digits | 50.00 | 25.00 |", results_table(results["evaluations"]))
 
 

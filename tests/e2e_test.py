@@ -14,8 +14,8 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.model.width=4", "--config.train.epochs=2", "--config.train.batch_size=64",
-        "--config.train.log_every=4", "--config.train.checkpoint_every=8",
+TINY = ["--config.model.width=4", "--config.pretrain.train.epochs=2", "--config.pretrain.train.batch_size=64",
+        "--config.pretrain.train.log_every=4", "--config.pretrain.train.checkpoint_every=8",
         "--config.evaluate.mlp.epochs=20", "--config.evaluate.monitors=('knn',)"]
 pytestmark = pytest.mark.integration
 
@@ -54,7 +54,7 @@ def uninterrupted(tmp):
 def test_quick_run_writes_results(uninterrupted):
   workdir, out = uninterrupted
   results = read(workdir, "results.json")
-  assert results["experiment"] == "simclr"
+  assert results["experiment"] == "pretrain"
   row = results["evaluations"]["clean/digits"]
   assert set(row) == {"acc", "acc_knn"}
   assert 0.3 < row["acc"] <= 1.0  # well above the 0.1 of chance, even for this tiny run

@@ -42,8 +42,9 @@ class ModelsTest(parameterized.TestCase):
     self.assertEqual(n_params(lambda: build_encoder("resnet50", 64, rngs=nnx.Rngs(0))), expected)
 
   def test_ssl_head_dims(self):
-    cfg = ml_collections.ConfigDict(dict(name="resnet18", width=8, proj_hidden=0, proj_dim=16))
-    model = nnx.eval_shape(lambda: build_ssl_model(cfg, seed=0))
+    cfg = ml_collections.ConfigDict(dict(name="resnet18", width=8))
+    head = ml_collections.ConfigDict(dict(hidden=0, dim=16))
+    model = nnx.eval_shape(lambda: build_ssl_model(cfg, head, seed=0))
     graphdef, state = nnx.split(model)
     forward = lambda s, x: nnx.merge(graphdef, s)(x, train=True)
     feature, projection, _ = jax.eval_shape(forward, state, jnp.ones((4, 32, 32, 3)))

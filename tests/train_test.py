@@ -6,7 +6,6 @@ from absl.testing import absltest
 
 from configs import simclr as simclr_config
 from jaxpurify.data.device import DeviceDataset, epoch_order
-from jaxpurify.models import build_ssl_model
 from jaxpurify.ssl import simclr
 from jaxpurify.train.state import create_state, make_optimizer
 
@@ -14,15 +13,15 @@ from jaxpurify.train.state import create_state, make_optimizer
 def tiny_config():
   config = simclr_config.get_config("quick")
   config.model.width = 4
-  config.model.proj_dim = 8
+  config.pretrain.head.dim = 8
   return config
 
 
 def run_two_steps(config, mesh, images):
   """Two SimCLR steps on `mesh` from the same init and data; returns (losses, final params)."""
-  tx = make_optimizer(config.optim)
-  graphdef, state = create_state(lambda: build_ssl_model(config.model, config.seed), tx, mesh)
-  dataset = DeviceDataset(images, np.zeros(len(images)), mesh, batch_size=16, seed=0)
+  tx = make_optimizer(config.pretrain.optim)
+  graphdef, state = create_state(lambda: simclr.build_model(config), tx, mesh)
+  dataset = DeviceDataset({"image": images}, mesh, batch_size=16, seed=0)
   step = jax.jit(simclr.make_step(graphdef, tx, config), donate_argnums=0)
   key = jax.random.key(3)
   losses = []
@@ -39,7 +38,7 @@ class TrainTest(absltest.TestCase):
     config = tiny_config()
     # SGD: parameter differences are lr x gradient differences (Adam would amplify float noise in tiny
     # gradients to a full lr-sized step).
-    config.optim.update(name="sgd", lr=0.01, momentum=0.9)
+    config.pretrain.optim.update(name="sgd", lr=0.01, momentum=0.9)
     images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
     one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     eight = jax.make_mesh((8,), ("data",))
@@ -54,8 +53,8 @@ class TrainTest(absltest.TestCase):
   def test_step_traces_once(self):
     config = tiny_config()
     mesh = jax.make_mesh((8,), ("data",))
-    tx = make_optimizer(config.optim)
-    graphdef, state = create_state(lambda: build_ssl_model(config.model, config.seed), tx, mesh)
+    tx = make_optimizer(config.pretrain.optim)
+    graphdef, state = create_state(lambda: simclr.build_model(config), tx, mesh)
     traces = []
     inner = simclr.make_step(graphdef, tx, config)
 
@@ -65,7 +64,7 @@ class TrainTest(absltest.TestCase):
 
     step = jax.jit(counted, donate_argnums=0)
     images = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
-    dataset = DeviceDataset(images, np.zeros(32), mesh, batch_size=16, seed=0)
+    dataset = DeviceDataset({"image": images}, mesh, batch_size=16, seed=0)
     with jax.set_mesh(mesh):
       for i in range(3):
         state, _ = step(state, dataset.batch(i), jax.random.key(0))
@@ -79,7 +78,7 @@ class TrainTest(absltest.TestCase):
   def test_device_dataset_batches_cover_an_epoch_without_repeats(self):
     mesh = jax.make_mesh((8,), ("data",))
     images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1).repeat(3, axis=-1)
-    dataset = DeviceDataset(images, np.arange(40), mesh, batch_size=16, seed=5)
+    dataset = DeviceDataset({"image": images, "label": np.arange(40, dtype=np.int32)}, mesh, batch_size=16, seed=5)
     self.assertEqual(dataset.steps_per_epoch, 2)  # drop_last: 40 // 16
     seen = [np.asarray(dataset.batch(s)["label"]) for s in range(2)]
     self.assertLen(set(np.concatenate(seen)), 32)

@@ -1,4 +1,5 @@
-"""Device-resident data: uint8 images replicated on the mesh, batches gathered on device.
+"""Device-resident data: named arrays (uint8 images, labels, cached features) replicated on the mesh,
+batches gathered on device.
 
 The order of examples is a pure function of (seed, epoch), so a resumed run sees the same batches.
 """
@@ -18,29 +19,33 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames="out_sharding")
-def _take(images, labels, index, out_sharding):
-  """Rows `index` (sharded along `data`) of the replicated arrays, sharded like `index`."""
-  return {"image": images.at[index].get(out_sharding=out_sharding),
-          "label": labels.at[index].get(out_sharding=out_sharding)}
+def _take(arrays, index, out_sharding):
+  """Rows `index` (sharded along `data`) of each replicated array, sharded like `index`."""
+  return {name: array.at[index].get(out_sharding=out_sharding) for name, array in arrays.items()}
 
 
 class DeviceDataset:
-  """images uint8 [N, H, W, 3] and labels int32 [N] on the mesh; `batch(step)` -> a sharded batch dict.
+  """Named arrays [N, ...] on the mesh, e.g. {'image': uint8 [N, H, W, 3], 'label': int32 [N]};
+  `batch(step)` -> the same names, rows of one batch, sharded along `data`.
 
-  Batches are drawn without replacement, `N // batch_size` per epoch (the remainder is dropped, as
-  `drop_last=True`), shuffled per epoch unless `shuffle=False`.
+  Arrays may be numpy (copied to every device) or jax arrays already on the mesh. Batches are drawn
+  without replacement, `N // batch_size` per epoch (the remainder is dropped, as `drop_last=True`),
+  shuffled per epoch unless `shuffle=False`.
   """
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray, mesh, batch_size: int, seed: int,
-               shuffle: bool = True):
+  def __init__(self, arrays: dict, mesh, batch_size: int, seed: int, shuffle: bool = True):
     parallel.check_global_batch(batch_size)
-    if batch_size > len(images):
-      raise UserError(f"batch size {batch_size} is larger than the {len(images)} examples; "
-                               "lower config.train.batch_size")
-    self.images, self.labels = parallel.put_replicated((images, labels.astype(np.int32)), mesh)
+    sizes = {name: len(array) for name, array in arrays.items()}
+    if len(set(sizes.values())) != 1:
+      raise ValueError(f"arrays of different lengths: {sizes}")
+    self.num_examples = next(iter(sizes.values()))
+    if batch_size > self.num_examples:
+      raise UserError(f"batch size {batch_size} is larger than the {self.num_examples} examples; "
+                      "lower config.train.batch_size")
+    host = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
+    self.arrays = {**arrays, **parallel.put_replicated(host, mesh)}
     self.mesh, self.batch_size, self.seed, self.shuffle = mesh, batch_size, seed, shuffle
-    self.num_examples = len(images)
-    self.steps_per_epoch = len(images) // batch_size
+    self.steps_per_epoch = self.num_examples // batch_size
     self._order = (None, None)
 
   def indices(self, step: int) -> np.ndarray:
@@ -51,6 +56,6 @@ class DeviceDataset:
     return self._order[1][i * self.batch_size:(i + 1) * self.batch_size].astype(np.int32)
 
   def batch(self, step: int) -> dict:
-    """{'image': uint8 [B, H, W, 3], 'label': int32 [B]}, both sharded along `data`."""
+    """{name: rows [B, ...]} sharded along `data`."""
     index = parallel.put_batch(self.indices(step), self.mesh)
-    return _take(self.images, self.labels, index, parallel.batch_sharded(self.mesh))
+    return _take(self.arrays, index, parallel.batch_sharded(self.mesh))

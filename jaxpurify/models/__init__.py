@@ -26,11 +26,11 @@ def build_encoder(name: str, width: int, *, rngs: nnx.Rngs) -> ResNet:
   return ResNet(block, stages, width, rngs=rngs)
 
 
-def build_ssl_model(model_config, seed: int) -> SSLModel:
-  """model_config: name, width, proj_hidden (0 = feature dim), proj_dim."""
+def build_ssl_model(model_config, head, seed: int) -> SSLModel:
+  """model_config: name, width. head: hidden (0 = feature dim), dim."""
   rngs = nnx.Rngs(seed)
   backbone = build_encoder(model_config.name, model_config.width, rngs=rngs)
-  return SSLModel(backbone, model_config.proj_hidden, model_config.proj_dim, rngs=rngs)
+  return SSLModel(backbone, head.hidden, head.dim, rngs=rngs)
 
 
 __all__ = ["ARCHS", "ProjectionHead", "ResNet", "SSLModel", "build_encoder", "build_ssl_model"]

@@ -6,7 +6,19 @@ from flax import nnx
 
 from jaxpurify import augment
 from jaxpurify.losses import nt_xent
+from jaxpurify.models import build_ssl_model
 from jaxpurify.train.state import TrainState, apply_gradients
+
+
+def build_model(config):
+  """The backbone with SimCLR's projection head."""
+  return build_ssl_model(config.model, config.pretrain.head, config.seed)
+
+
+def init_extra(config, state) -> dict:
+  """SimCLR keeps no state besides the model."""
+  del config, state
+  return {}
 
 
 def augment_kwargs(aug) -> dict:
@@ -29,11 +41,11 @@ def make_step(graphdef, tx, config):
   batch: {'image': uint8 [B, H, W, 3]} sharded along `data`. The two views pass through the model
   separately, as in the reference code (BatchNorm statistics per view).
   """
-  temperature = config.simclr.temperature
+  temperature = config.pretrain.simclr.temperature
 
   def step(state: TrainState, batch, key):
     key = jax.random.fold_in(key, state.step)
-    x1, x2 = make_views(key, batch["image"], config.augment, config.model.mean, config.model.std)
+    x1, x2 = make_views(key, batch["image"], config.pretrain.augment, config.model.mean, config.model.std)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.batch_stats, copy=True)  # fresh Variables in this trace

@@ -1,28 +1,9 @@
-"""Pure, jittable losses for other JAX projects. Imports nothing from jaxpurify's CLI or data code.
-
-Batch axes may be sharded over a mesh axis (`jax.make_mesh` uses explicit sharding): functions that
-need every row of a batch gather it themselves with `all_rows`.
-"""
+"""Contrastive self-supervised losses: SimCLR's NT-Xent."""
 
 import jax
 import jax.numpy as jnp
 
-
-def all_rows(z: jax.Array) -> jax.Array:
-  """z [B, ...] with rows possibly sharded -> the same values replicated (all-gather), else z itself.
-
-  Under explicit sharding `z @ z.T` of a row-sharded z is illegal; `z @ all_rows(z).T` keeps rows sharded.
-  """
-  sharding = jax.typeof(z).sharding
-  if sharding.mesh.empty or all(axis is None for axis in sharding.spec):
-    return z
-  return jax.sharding.reshard(z, jax.P())
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps) along `axis`, as torch.nn.functional.normalize."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+from jaxpurify.losses.core import all_rows, l2_normalize
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array:
@@ -45,5 +26,3 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array
 
   return 0.5 * (jnp.mean(anchor_losses(z1, g1, g2)) + jnp.mean(anchor_losses(z2, g2, g1)))
 
-
-__all__ = ["all_rows", "l2_normalize", "nt_xent"]
