@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from jaxpurify import triggers
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
@@ -52,9 +54,9 @@ def train(batch_size, epochs, log_every=50, checkpoint_every=2000):
                                         checkpoint_every=checkpoint_every, keep_checkpoints=2))
 
 
-def optim(name, lr, weight_decay, momentum=0.0, schedule="constant", warmup_steps=0):
+def optim(name, lr, weight_decay, momentum=0.0, schedule="constant", warmup_epochs=0):
   return ml_collections.ConfigDict(dict(name=name, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                        schedule=schedule, warmup_steps=warmup_steps))
+                                        schedule=schedule, warmup_epochs=warmup_epochs))
 
 
 def pretraining(method: str, quick: bool) -> ml_collections.ConfigDict:
@@ -97,6 +99,56 @@ def pretraining_experiment(method: str, quick: bool) -> ml_collections.ConfigDic
   c.model = model(quick)
   c.pretrain = pretraining(method, quick)
   c.evaluate = evaluate(("cifar10", "stl10", "gtsrb", "svhn_cropped"), quick)
+  return c
+
+
+# Downstream task -> (target class, what BadEncoder's reference shows) (attacks.md section 2.1).
+TARGETS = {"stl10": 9, "gtsrb": 12, "svhn_cropped": 1, "digits": 1}
+
+
+def encoder_attack_experiment(mode: str, downstream: str, method: str, quick: bool) -> ml_collections.ConfigDict:
+  """BadEncoder or DRUPE against the encoder pre-trained with `method`, for one downstream task."""
+  if downstream not in TARGETS:
+    raise ValueError(f"unknown downstream task {downstream!r}; use one of {', '.join(TARGETS)}")
+  c = pretraining_experiment(method, quick)
+  c.experiment = mode
+  downstream = "digits" if quick else downstream
+  drupe = mode == "drupe"
+  c.attack = ml_collections.ConfigDict(dict(
+      clean_encoder="", downstream=downstream, target=TARGETS[downstream],
+      num_references=3 if drupe else 1, reference_file="",
+      shadow_fraction=0.2 if drupe else 1.0,
+      trigger=triggers.default_config("patch"), lambda1=1.0, lambda2=1.0,
+      augment=dict(flip_prob=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, gray_prob=0.2),
+      optim=optim("sgd", 0.05 if drupe else 1e-3, 5e-4, momentum=0.9),
+      train=train(256, 120 if drupe else 200, log_every=20, checkpoint_every=500)))
+  if drupe:
+    c.drupe = dict(cost=0.1, cost_1=0.001, num_projections=50, sim_b2b_offdiag=False)
+  c.evaluate.datasets = (downstream,)
+  if quick:
+    c.attack.train.update(batch_size=128, epochs=20 if drupe else 15, log_every=10, checkpoint_every=50)
+    if not drupe:
+      c.attack.optim.lr = 0.01
+  return c
+
+
+def ctrl_experiment(target: int, method: str, quick: bool) -> ml_collections.ConfigDict:
+  """CTRL on the pre-training set with target class `target`, pre-trained with CTRL's recipe."""
+  c = pretraining_experiment(method, quick)
+  c.experiment = "ctrl"
+  if method == "simclr":
+    c.pretrain.update(optim=optim("sgd", 0.06, 5e-4, momentum=0.9, schedule="cosine", warmup_epochs=10),
+                      augment=augment((0.2, 1.0)))
+    c.pretrain.train.update(batch_size=512, epochs=800)
+  trigger = triggers.default_config("ctrl")
+  c.attack = ml_collections.ConfigDict(dict(clean_encoder="", downstream=c.data.name, target=target,
+                                            poison_ratio=0.01, trigger=trigger))
+  c.evaluate.datasets = (c.data.name,)
+  c.evaluate.knn.t = 0.1
+  if quick:
+    c.pretrain.train.update(batch_size=128, epochs=25)
+    c.pretrain.optim.warmup_epochs = 2
+    c.attack.poison_ratio = 0.05
   return c
 
 

@@ -1,14 +1,16 @@
-"""Stages that several experiments share: self-supervised pre-training and frozen-encoder evaluation.
+"""Stages that experiments share: self-supervised pre-training, the clean encoder, encoder attacks and
+frozen-encoder evaluation.
 
 Each stage owns `workdir/<stage>/`; a finished stage (done.json) is loaded, not recomputed.
 """
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
+import numpy as np
 
-from jaxpurify import augment, data, evaluation, parallel
+from jaxpurify import data, encoders, evaluation, parallel, triggers
+from jaxpurify.attacks import encoder_finetune, references
 from jaxpurify.data.device import DeviceDataset
+from jaxpurify.encoders import Encoder
 from jaxpurify.ssl import METHODS
 from jaxpurify.train import checkpoint
 from jaxpurify.train.loop import run_steps
@@ -19,44 +21,77 @@ def load_data(config, name: str, split: str) -> data.ImageSplit:
   return data.load_split(name, split, data_dir=config.data.data_dir or None, image_size=config.data.image_size)
 
 
-def pretrain_ssl(run, stage: str, config, mesh):
-  """Self-supervised pre-training (config.pretrain) on config.data; returns (graphdef, TrainState)."""
+def _train(run, stage, state, step, batch_fn, train, num_steps, mesh, seed):
+  key = jax.device_put(jax.random.key(seed), parallel.replicated(mesh))
+  return run_steps(run.stage_dir(stage), stage, state, step, batch_fn, key, num_steps=num_steps,
+                   log_every=train.log_every, checkpoint_every=train.checkpoint_every,
+                   keep=train.keep_checkpoints, images_per_step=train.batch_size)
+
+
+def pretrain_ssl(run, stage: str, config, mesh, images: np.ndarray | None = None) -> Encoder:
+  """Self-supervised pre-training (config.pretrain) on `images` (default: config.data); returns the backbone."""
   method, train = METHODS[config.pretrain.method], config.pretrain.train
-  split = load_data(config, config.data.name, config.data.split)
-  dataset = DeviceDataset({"image": split.images}, mesh, train.batch_size, config.seed)
+  if images is None:
+    images = load_data(config, config.data.name, config.data.split).images
+  dataset = DeviceDataset({"image": images}, mesh, train.batch_size, config.seed)
   num_steps = train.epochs * dataset.steps_per_epoch
-  tx = make_optimizer(config.pretrain.optim, num_steps)
+  tx = make_optimizer(config.pretrain.optim, num_steps, dataset.steps_per_epoch)
   graphdef, state = create_state(lambda: method.build_model(config), tx, mesh,
                                  lambda s: method.init_extra(config, s))
-  stage_dir = run.stage_dir(stage)
   if run.done(stage):
-    return graphdef, checkpoint.load_latest(f"{stage_dir}/ckpt", state)
-  step = jax.jit(method.make_step(graphdef, tx, config), donate_argnums=0)
-  key = jax.device_put(jax.random.key(config.seed), parallel.replicated(mesh))
-  state = run_steps(stage_dir, stage, state, step, dataset.batch, key, num_steps=num_steps,
-                    log_every=train.log_every, checkpoint_every=train.checkpoint_every,
-                    keep=train.keep_checkpoints, images_per_step=train.batch_size)
-  run.finish(stage, {"steps": num_steps, "examples": dataset.num_examples})
-  return graphdef, state
+    state = checkpoint.load_latest(f"{run.stage_dir(stage)}/ckpt", state)
+  else:
+    step = jax.jit(method.make_step(graphdef, tx, config), donate_argnums=0)
+    state = _train(run, stage, state, step, dataset.batch, train, num_steps, mesh, config.seed)
+    run.finish(stage, {"steps": num_steps, "examples": dataset.num_examples})
+  return encoders.backbone_of(graphdef, state)
 
 
-def feature_fn(graphdef, state, model_config):
-  """A jitted uint8 [B, H, W, 3] -> backbone feature [B, D] in inference mode."""
-  mean, std = jnp.asarray(model_config.mean), jnp.asarray(model_config.std)
-
-  @jax.jit
-  def encode(params, batch_stats, images):
-    model = nnx.merge(graphdef, params, batch_stats)
-    feature, _ = model.backbone(augment.normalize(augment.to_float(images), mean, std), train=False)
-    return feature
-
-  return lambda images: encode(state.params, state.batch_stats, images)
+def clean_encoder(run, config, mesh) -> Encoder:
+  """config.attack.clean_encoder's backbone if a path is given, else pre-trained here (stage `pretrain`)."""
+  if config.attack.clean_encoder:
+    return encoders.load_backbone(config.attack.clean_encoder, config.model, mesh)
+  return pretrain_ssl(run, "pretrain", config, mesh)
 
 
-def evaluate_encoders(run, stage: str, encoders: dict, config, mesh) -> dict[str, dict]:
-  """encoders: {row name: (graphdef, state)} -> {'name/dataset': {'acc': ..., 'acc_knn': ...}}.
+def attack_encoder(run, stage: str, config, clean: Encoder, mesh) -> Encoder:
+  """BadEncoder or DRUPE (config.experiment) fine-tuning of `clean`; returns the backdoored backbone."""
+  attack = config.attack
+  pretraining = load_data(config, config.data.name, config.data.split)
+  shadow = encoder_finetune.shadow_indices(len(pretraining.images), attack.shadow_fraction, config.seed)
+  downstream = load_data(config, attack.downstream, "train")
+  refs = references.choose(downstream, attack.target, attack.num_references, config.seed, attack.reference_file)
+  trigger = triggers.make_trigger(attack.trigger, config.data.image_size)
+  encode = encoders.encode_fn(clean, config.model)
+  batch = config.evaluate.batch_size
+  dataset = DeviceDataset({"image": pretraining.images[shadow],
+                           "clean_feature": evaluation.extract_features(encode, pretraining.images[shadow], batch,
+                                                                        mesh)},
+                          mesh, attack.train.batch_size, config.seed)
+  constants = parallel.put_replicated(
+      {"reference": refs, "clean_reference": evaluation.extract_features(encode, refs, batch, mesh)}, mesh)
+  num_steps = attack.train.epochs * dataset.steps_per_epoch
+  tx = make_optimizer(attack.optim, num_steps, dataset.steps_per_epoch,
+                      trainable=encoder_finetune.trainable_mask(clean))
+  state = jax.jit(lambda e: encoder_finetune.init_state(e, tx, config.experiment, config.get("drupe")),
+                  out_shardings=parallel.replicated(mesh))(clean)
+  if run.done(stage):
+    state = checkpoint.load_latest(f"{run.stage_dir(stage)}/ckpt", state)
+  else:
+    step = jax.jit(encoder_finetune.make_step(clean.graphdef, tx, config, dataset.steps_per_epoch, trigger),
+                   donate_argnums=0)
+    state = _train(run, stage, state, step, lambda s: dataset.batch(s) | constants, attack.train, num_steps,
+                   mesh, config.seed)
+    run.finish(stage, {"steps": num_steps, "shadow_examples": len(shadow), "references": len(refs)})
+  return Encoder(clean.graphdef, state.params, state.batch_stats)
 
-  The main protocol (config.evaluate.protocol) gives `acc`; each monitor adds `acc_<monitor>`.
+
+def evaluate_encoders(run, stage: str, encoders_: dict[str, Encoder], config, mesh, backdoor=None) -> dict:
+  """{row name: Encoder} -> {'name/dataset': {'acc': ..., 'acc_knn': ..., 'asr': ..., 'asr_all': ...}}.
+
+  The main protocol (config.evaluate.protocol) gives `acc` (and, on the data set `backdoor` = (dataset,
+  trigger, target) names, `asr` and `asr_all` from the triggered test images); each monitor adds
+  `acc_<monitor>`.
   """
   if (record := run.done(stage)) is not None:
     return record["evaluations"]
@@ -65,16 +100,18 @@ def evaluate_encoders(run, stage: str, encoders: dict, config, mesh) -> dict[str
   evaluations = {}
   for dataset in ev.datasets:
     train, test = load_data(config, dataset, "train"), load_data(config, dataset, "test")
-    for name, (graphdef, state) in encoders.items():
-      encode = feature_fn(graphdef, state, config.model)
-      train_feats = evaluation.extract_features(encode, train.images, ev.batch_size, mesh)
-      test_feats = evaluation.extract_features(encode, test.images, ev.batch_size, mesh)
+    attacked = backdoor is not None and backdoor[0] == dataset
+    for name, encoder in encoders_.items():
+      features = lambda images, transform=None: evaluation.extract_features(
+          encoders.encode_fn(encoder, config.model, transform), images, ev.batch_size, mesh)
+      train_feats, test_feats = features(train.images), features(test.images)
+      extra = dict(triggered_test_feats=features(test.images, backdoor[1]), target=backdoor[2]) if attacked else {}
       row = {}
       for protocol in (ev.protocol, *ev.monitors):
         result = evaluation.evaluate(protocol, train_feats, train.labels, test_feats, test.labels,
-                                     train.num_classes, key, mesh=mesh, **ev[protocol].to_dict())
+                                     train.num_classes, key, mesh=mesh, **extra, **ev[protocol].to_dict())
         result.pop("loss", None)  # the head's training loss is not a result
-        row.update(result if protocol == ev.protocol else {f"acc_{protocol}": result["acc"]})
+        row.update(result if protocol == ev.protocol else {f"{k}_{protocol}": v for k, v in result.items()})
       evaluations[f"{name}/{dataset}"] = row
   run.finish(stage, {"evaluations": evaluations})
   return evaluations

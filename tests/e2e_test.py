@@ -62,7 +62,7 @@ def test_quick_run_writes_results(uninterrupted):
   metrics = read(workdir, "pretrain/metrics.jsonl")
   assert [m["step"] for m in metrics] == list(range(4, 45, 4))  # 1437 // 64 = 22 steps per epoch
   assert {"loss", "l2_grads", "l2_params", "l2_updates", "images_per_s"} <= set(metrics[-1])
-  assert read(workdir, "config.json")["train"]["epochs"] == 2
+  assert read(workdir, "config.json")["pretrain"]["train"]["epochs"] == 2
 
 
 def test_rerun_of_a_finished_run_recomputes_nothing(uninterrupted):

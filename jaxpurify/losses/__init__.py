@@ -4,7 +4,13 @@ Batch axes may be sharded over a mesh axis (`jax.make_mesh` uses explicit shardi
 need every row of a batch gather it themselves with `all_rows`.
 """
 
-from jaxpurify.losses.contrastive import nt_xent
+from jaxpurify.losses.byol import byol_loss
+from jaxpurify.losses.contrastive import moco_infonce, nt_xent
 from jaxpurify.losses.core import all_rows, l2_normalize
+from jaxpurify.losses.encoder_attacks import (badencoder_loss, badencoder_terms, drupe_loss, drupe_terms,
+                                               init_drupe_costs, random_projections, sliced_wasserstein,
+                                               update_drupe_costs)
 
-__all__ = ["all_rows", "l2_normalize", "nt_xent"]
+__all__ = ["all_rows", "byol_loss", "l2_normalize", "moco_infonce", "nt_xent"]
+__all__ += ["badencoder_loss", "badencoder_terms", "drupe_loss", "drupe_terms", "init_drupe_costs",
+            "random_projections", "sliced_wasserstein", "update_drupe_costs"]

@@ -1,4 +1,4 @@
-"""Contrastive self-supervised losses: SimCLR's NT-Xent."""
+"""Contrastive self-supervised losses: SimCLR's NT-Xent and MoCo's InfoNCE against a queue of negatives."""
 
 import jax
 import jax.numpy as jnp
@@ -26,3 +26,18 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float = 0.5) -> jax.Array
 
   return 0.5 * (jnp.mean(anchor_losses(z1, g1, g2)) + jnp.mean(anchor_losses(z2, g2, g1)))
 
+
+def moco_infonce(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float = 0.2) -> jax.Array:
+  """MoCo's InfoNCE loss with a queue of negatives.
+
+  q: [B, D] queries (online encoder), k: [B, D] keys of the other view (momentum encoder); both are
+  L2-normalised here and no gradient flows into k. queue: [K, D] L2-normalised negatives (rows may be
+  sharded; gathered here), also without gradient. Each query's logits are [q·k⁺, q·queueᵀ] / temperature,
+  a cross-entropy with the positive at index 0. Returns the mean over the B queries, a scalar.
+  """
+  q = l2_normalize(q.astype(jnp.float32))
+  k = jax.lax.stop_gradient(l2_normalize(k.astype(jnp.float32)))
+  queue = jax.lax.stop_gradient(all_rows(queue.astype(jnp.float32)))
+  positive = jnp.sum(q * k, axis=-1) / temperature
+  negatives = q @ queue.T / temperature
+  return jnp.mean(jax.nn.logsumexp(jnp.concatenate([positive[:, None], negatives], axis=1), axis=1) - positive)

@@ -19,6 +19,18 @@ class SSLModel(nnx.Module):
     return feature, self.head(feature, train), maps
 
 
+class BYOLModel(SSLModel):
+  """BYOL's online network: SSLModel (backbone + projector `head`) plus a `predictor` [B, P] -> [B, P].
+
+  `__call__` is SSLModel's; the predictor is applied separately, since BYOL's target network (an SSLModel
+  with the same parameter paths) has none.
+  """
+
+  def __init__(self, backbone: ResNet, proj_hidden: int, proj_dim: int, predictor_hidden: int, *, rngs: nnx.Rngs):
+    super().__init__(backbone, proj_hidden, proj_dim, rngs=rngs)
+    self.predictor = ProjectionHead(proj_dim, predictor_hidden, proj_dim, rngs=rngs)
+
+
 def build_encoder(name: str, width: int, *, rngs: nnx.Rngs) -> ResNet:
   if name not in ARCHS:
     raise UserError(f"unknown model {name!r}; set config.model.name to one of {sorted(ARCHS)}")
@@ -33,4 +45,12 @@ def build_ssl_model(model_config, head, seed: int) -> SSLModel:
   return SSLModel(backbone, head.hidden, head.dim, rngs=rngs)
 
 
-__all__ = ["ARCHS", "ProjectionHead", "ResNet", "SSLModel", "build_encoder", "build_ssl_model"]
+def build_byol_model(model_config, head, predictor_hidden: int, seed: int) -> BYOLModel:
+  """build_ssl_model's network (same initial backbone and head for the same seed) plus BYOL's predictor."""
+  rngs = nnx.Rngs(seed)
+  backbone = build_encoder(model_config.name, model_config.width, rngs=rngs)
+  return BYOLModel(backbone, head.hidden, head.dim, predictor_hidden, rngs=rngs)
+
+
+__all__ = ["ARCHS", "BYOLModel", "ProjectionHead", "ResNet", "SSLModel", "build_byol_model", "build_encoder",
+           "build_ssl_model"]

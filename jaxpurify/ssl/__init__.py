@@ -5,6 +5,6 @@ Each module provides `build_model(config) -> nnx.Module` (with a `.backbone`), `
 `make_step(graphdef, tx, config) -> step(state, batch, key) -> (state, metrics)`.
 """
 
-from jaxpurify.ssl import simclr
+from jaxpurify.ssl import byol, moco, simclr
 
-METHODS = {"simclr": simclr}
+METHODS = {"simclr": simclr, "moco": moco, "byol": byol}

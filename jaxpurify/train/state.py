@@ -28,10 +28,10 @@ class TrainState:
 SCHEDULES = ("constant", "cosine")
 
 
-def learning_rate(optim, num_steps: int):
-  """optim.lr, constant or cosine-decayed to 0 over `num_steps` after `optim.warmup_steps` linear warm-up."""
+def learning_rate(optim, num_steps: int, steps_per_epoch: int = 1):
+  """optim.lr, constant or cosine-decayed to 0 over `num_steps` after `optim.warmup_epochs` of linear warm-up."""
   schedule = optim.get("schedule", "constant")
-  warmup = optim.get("warmup_steps", 0)
+  warmup = optim.get("warmup_epochs", 0) * steps_per_epoch
   if schedule == "constant":
     return optim.lr if not warmup else optax.linear_schedule(0.0, optim.lr, warmup)
   if schedule == "cosine":
@@ -41,14 +41,15 @@ def learning_rate(optim, num_steps: int):
                   f"{', '.join(SCHEDULES)}")
 
 
-def make_optimizer(optim, num_steps: int = 0, trainable=None) -> optax.GradientTransformation:
+def make_optimizer(optim, num_steps: int = 0, steps_per_epoch: int = 1,
+                   trainable=None) -> optax.GradientTransformation:
   """optim: name ('adam' | 'sgd'), lr, weight_decay (coupled: added to the gradient, as torch does), momentum,
-  and optionally schedule ('constant' | 'cosine') and warmup_steps.
+  and optionally schedule ('constant' | 'cosine') and warmup_epochs.
 
   trainable: a pytree of bools shaped like the params (or a function params -> such a tree); False leaves
   get zero updates and no weight decay (frozen). None trains everything.
   """
-  lr = learning_rate(optim, num_steps)
+  lr = learning_rate(optim, num_steps, steps_per_epoch)
   if optim.name == "adam":
     base = optax.adam(lr)
   elif optim.name == "sgd":

@@ -1,0 +1,14 @@
+"""BYOL pre-training of a CIFAR ResNet-18 with CTRL's recipe, then evaluation of the frozen encoder.
+
+Full (CIFAR-10, 800 epochs, batch 256, SGD 0.06 cosine, wd 5e-4, projector and predictor 2048 -> 256, EMA 0.996):
+  python main.py --config configs/byol.py
+Quick (the embedded `digits` set, a narrow ResNet-18, minutes on a 2-core CPU):
+  python main.py --config configs/byol.py:quick
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, quick=False)
+  return common.pretraining_experiment("byol", arg.quick)

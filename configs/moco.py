@@ -1,0 +1,14 @@
+"""MoCo v2 pre-training of a CIFAR ResNet-18, then evaluation of the frozen encoder.
+
+Full (CIFAR-10, 800 epochs, batch 256, SGD 0.06 cosine, wd 5e-4, temperature 0.2, queue 4096, momentum 0.99):
+  python main.py --config configs/moco.py
+Quick (the embedded `digits` set, a narrow ResNet-18, minutes on a 2-core CPU):
+  python main.py --config configs/moco.py:quick
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, quick=False)
+  return common.pretraining_experiment("moco", arg.quick)

@@ -1,0 +1,106 @@
+"""Frozen image encoders as the attacks and evaluations use them: a backbone's graph and its arrays.
+
+An `Encoder` is the ResNet backbone alone (no projection head): attacks fine-tune it and downstream
+evaluation reads its pooled feature. It comes from a pre-training state or from a checkpoint on disk.
+"""
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxpurify import augment, parallel
+from jaxpurify.errors import UserError
+from jaxpurify.models import build_encoder
+
+
+class Encoder(NamedTuple):
+  """graphdef of a ResNet backbone, its nnx.Param state and its nnx.BatchStat state."""
+  graphdef: Any
+  params: Any
+  batch_stats: Any
+
+
+def backbone_of(graphdef, state) -> Encoder:
+  """The `.backbone` of a pre-training model (any SSL method) held in (graphdef, TrainState)."""
+  model = nnx.merge(graphdef, state.params, state.batch_stats)
+  return Encoder(*nnx.split(model.backbone, nnx.Param, nnx.BatchStat))
+
+
+def build_backbone(model_config, seed: int) -> Encoder:
+  return Encoder(*nnx.split(build_encoder(model_config.name, model_config.width, rngs=nnx.Rngs(seed)),
+                            nnx.Param, nnx.BatchStat))
+
+
+def encode_fn(encoder: Encoder, model_config, transform=None):
+  """A jitted uint8 [B, H, W, 3] -> feature [B, D] in inference mode; `transform` (uint8 -> uint8, e.g. a
+  trigger) is applied first, on device."""
+  mean, std = jnp.asarray(model_config.mean), jnp.asarray(model_config.std)
+
+  @jax.jit
+  def encode(params, batch_stats, images):
+    if transform is not None:
+      images = transform(images)
+    model = nnx.merge(encoder.graphdef, params, batch_stats)
+    feature, _ = model(augment.normalize(augment.to_float(images), mean, std), train=False)
+    return feature
+
+  return lambda images: encode(encoder.params, encoder.batch_stats, images)
+
+
+def find_checkpoint(path: str) -> str:
+  """A pre-training run's workdir, its stage folder or its ckpt folder -> the ckpt folder."""
+  for candidate in (os.path.join(path, "pretrain", "ckpt"), os.path.join(path, "ckpt"), path):
+    if os.path.isdir(candidate) and ocp.CheckpointManager(os.path.abspath(candidate)).latest_step() is not None:
+      return candidate
+  raise UserError(f"no checkpoint found at {path}; set config.attack.clean_encoder to the workdir of a finished "
+                  "pre-training run (e.g. runs/simclr) or to its pretrain/ckpt folder")
+
+
+def _match(expected, stored, where: str, directory: str, model_config):
+  """`stored` (orbax's nested dicts, string keys) rearranged into `expected`'s pure-dict structure."""
+  if not isinstance(expected, dict):
+    if isinstance(stored, dict) and set(stored) == {"value"}:  # an nnx.Variable as orbax stores it
+      stored = stored["value"]
+    if np.shape(stored) != np.shape(expected):
+      raise UserError(f"checkpoint {directory} holds another architecture ({where} has shape {np.shape(stored)}, "
+                      f"config.model {model_config.name} width {model_config.width} needs {np.shape(expected)}); "
+                      "set config.model to the architecture it was trained with")
+    return np.asarray(stored)
+  if not isinstance(stored, dict) or set(map(str, expected)) != set(map(str, stored)):
+    raise UserError(f"checkpoint {directory} holds another architecture (its {where or 'backbone'} differs from "
+                    f"config.model {model_config.name}); set config.model to the architecture it was trained with")
+  return {k: _match(v, stored[str(k)], f"{where}.{k}".strip("."), directory, model_config)
+          for k, v in expected.items()}
+
+
+def load_backbone(path: str, model_config, mesh) -> Encoder:
+  """The backbone of the latest pre-training checkpoint under `path`, replicated over `mesh`.
+
+  Works for any SSL method's checkpoint (only params/backbone and batch_stats/backbone are read) and
+  refuses, in one line, a checkpoint of another architecture than config.model.
+  """
+  directory = os.path.abspath(find_checkpoint(path))
+  mngr = ocp.CheckpointManager(directory)
+  step = mngr.latest_step()
+  try:
+    raw = mngr.restore(step, args=ocp.args.StandardRestore())
+  except Exception as err:  # orbax raises many types for a damaged checkpoint
+    raise UserError(f"checkpoint {directory}/{step} cannot be read ({type(err).__name__}); point "
+                    "config.attack.clean_encoder to a finished pre-training run") from None
+  finally:
+    mngr.close()
+  like = build_backbone(model_config, 0)
+  found = []
+  for kind, state in (("params", like.params), ("batch_stats", like.batch_stats)):
+    stored = raw.get(kind, {}).get("backbone") if isinstance(raw, dict) else None
+    if stored is None:
+      raise UserError(f"checkpoint {directory} holds no encoder backbone; point config.attack.clean_encoder to a "
+                      "finished pre-training run")
+    nnx.replace_by_pure_dict(state, _match(nnx.to_pure_dict(state), stored, "", directory, model_config))
+    found.append(state)
+  return Encoder(like.graphdef, *parallel.put_replicated(tuple(found), mesh))
