@@ -130,3 +130,39 @@ def test_corrupt_checkpoint_is_one_line(uninterrupted, tmp):
   assert proc.returncode == 2, err[-2000:]
   lines = [line for line in err.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "corrupt" in lines[0] and "Traceback" not in err, err[-2000:]
+
+
+def attack_run(config, workdir, clean_workdir, *extra):
+  """A tiny attack run on the encoder that `uninterrupted` pre-trained (no pre-training of its own)."""
+  proc = main_py("--config", config, "--workdir", workdir, "--config.model.width=4",
+                 f"--config.attack.clean_encoder={clean_workdir}", "--config.evaluate.mlp.epochs=20",
+                 "--config.evaluate.monitors=('knn',)", *extra)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  return read(workdir, "results.json"), out
+
+
+@pytest.mark.parametrize("mode", ["badencoder", "drupe"])
+def test_encoder_attack_on_a_pretrained_encoder(uninterrupted, tmp, mode):
+  workdir = os.path.join(tmp, mode)
+  results, out = attack_run(f"configs/{mode}.py:quick", workdir, uninterrupted[0],
+                            "--config.attack.train.epochs=2", "--config.attack.train.log_every=5")
+  assert results["experiment"] == mode
+  clean, poisoned = results["evaluations"]["clean/digits"], results["evaluations"]["poisoned/digits"]
+  assert set(clean) == set(poisoned) == {"acc", "asr", "asr_all", "acc_knn", "asr_knn", "asr_all_knn"}
+  # The clean row is the pre-training run's encoder, evaluated the same way.
+  assert clean["acc"] == read(uninterrupted[0], "results.json")["evaluations"]["clean/digits"]["acc"]
+  assert "| poisoned/digits |" in out
+  assert not os.path.exists(os.path.join(workdir, "pretrain"))
+  metrics = read(workdir, "attack/metrics.jsonl")
+  assert {"loss", "l0", "l1", "l2"} <= set(metrics[-1])
+  assert metrics[-1]["step"] == 2 * (1437 // 128)
+
+
+def test_ctrl_poisons_the_target_class_and_pretrains_on_it(uninterrupted, tmp):
+  workdir = os.path.join(tmp, "ctrl")
+  results, _ = attack_run("configs/ctrl.py:quick", workdir, uninterrupted[0], *TINY[1:5])
+  positions = read(workdir, "poison/done.json")["poisoned_positions"]
+  assert len(positions) == int(0.05 * 1437)
+  assert set(results["evaluations"]) == {"clean/digits", "poisoned/digits"}
+  assert os.path.exists(os.path.join(workdir, "pretrain_poisoned", "done.json"))

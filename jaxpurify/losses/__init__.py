@@ -11,6 +11,6 @@ from jaxpurify.losses.encoder_attacks import (badencoder_loss, badencoder_terms,
                                                init_drupe_costs, random_projections, sliced_wasserstein,
                                                update_drupe_costs)
 
-__all__ = ["all_rows", "byol_loss", "l2_normalize", "moco_infonce", "nt_xent"]
-__all__ += ["badencoder_loss", "badencoder_terms", "drupe_loss", "drupe_terms", "init_drupe_costs",
-            "random_projections", "sliced_wasserstein", "update_drupe_costs"]
+__all__ = ["all_rows", "badencoder_loss", "badencoder_terms", "byol_loss", "drupe_loss", "drupe_terms",
+           "init_drupe_costs", "l2_normalize", "moco_infonce", "nt_xent", "random_projections",
+           "sliced_wasserstein", "update_drupe_costs"]
