@@ -64,6 +64,7 @@ def pretraining(method: str, quick: bool) -> ml_collections.ConfigDict:
 
   simclr: BadEncoder's recipe (attacks.md 3.1). moco: MoCo v2 with the queue cut to 4096 for CIFAR-sized
   sets and momentum 0.99 (team choice, attacks.md 3.2). byol: CTRL's CIFAR recipe (attacks.md 3.2).
+  quick: 25 epochs of the digits at batch 128, all three with Adam 1e-3 (SimCLR's optimiser).
   """
   if method == "simclr":
     block = dict(method="simclr", simclr=dict(temperature=0.5), head=dict(hidden=0, dim=128),
@@ -81,11 +82,15 @@ def pretraining(method: str, quick: bool) -> ml_collections.ConfigDict:
   block = ml_collections.ConfigDict(block)
   if quick:
     block.train.update(batch_size=128, epochs=25, log_every=10, checkpoint_every=50)
+    if method in ("moco", "byol"):
+      # SGD at 0.06, set for 800 epochs, leaves the encoder near its initialisation in 275 steps (MLP acc on
+      # digits: MoCo 85.8, BYOL 78.6 = a random encoder's); SimCLR's Adam trains in that budget. BYOL keeps its
+      # full-size heads: with 256 -> 64 heads it partially collapsed (MLP acc 81.4 with Adam, 91.4 with these).
+      block.optim = optim("adam", 1e-3, 1e-6)
     if method == "moco":
-      block.moco.queue_size = 1024
-    if method == "byol":
-      block.head.update(hidden=256, dim=64)
-      block.byol.predictor_hidden = 256
+      # Momentum 0.9: the key encoder's time constant is 10 steps instead of 100 of the run's 275 (MLP acc 91.1
+      # against 90.3, kNN 76.7 against 70.0).
+      block.moco.update(queue_size=1024, momentum=0.9)
   return block
 
 

@@ -2,7 +2,8 @@
 
 Full (CIFAR-10, 800 epochs, batch 256, SGD 0.06 cosine, wd 5e-4, temperature 0.2, queue 4096, momentum 0.99):
   python main.py --config configs/moco.py
-Quick (the embedded `digits` set, a narrow ResNet-18, minutes on a 2-core CPU):
+Quick (the embedded `digits` set, a narrow ResNet-18, Adam 1e-3, momentum 0.9, queue 1024; minutes on a
+  2-core CPU):
   python main.py --config configs/moco.py:quick
 """
 

@@ -43,13 +43,14 @@ def byol_reference(p, z):
 def tiny_config(method):
   """Width 4, one block per stage (TINY_ARCH, registered by StepsTest), small heads, a queue of 3 batches.
 
-  The quick configs' SGD: parameter differences are then lr x gradient differences.
+  SGD: parameter differences are then lr x gradient differences (Adam would blow float noise in tiny
+  gradients up to lr-sized steps).
   """
   config = {"moco": moco_config, "byol": byol_config}[method].get_config("quick")
   config.model.update(name=TINY_ARCH, width=4)
   config.pretrain.head.update(hidden=16, dim=8)
   config.pretrain.train.batch_size = BATCH
-  config.pretrain.optim.update(lr=0.05, schedule="constant")
+  config.pretrain.optim.update(name="sgd", lr=0.05, momentum=0.9, schedule="constant")
   if method == "moco":
     config.pretrain.moco.queue_size = 3 * BATCH
   else:
