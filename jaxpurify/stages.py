@@ -61,24 +61,24 @@ def attack_encoder(run, stage: str, config, clean: Encoder, mesh) -> Encoder:
   shadow = encoder_finetune.shadow_indices(len(pretraining.images), attack.shadow_fraction, config.seed)
   downstream = load_data(config, attack.downstream, "train")
   refs = references.choose(downstream, attack.target, attack.num_references, config.seed, attack.reference_file)
-  trigger = triggers.make_trigger(attack.trigger, config.data.image_size)
-  encode = encoders.encode_fn(clean, config.model)
-  batch = config.evaluate.batch_size
-  dataset = DeviceDataset({"image": pretraining.images[shadow],
-                           "clean_feature": evaluation.extract_features(encode, pretraining.images[shadow], batch,
-                                                                        mesh)},
-                          mesh, attack.train.batch_size, config.seed)
-  constants = parallel.put_replicated(
-      {"reference": refs, "clean_reference": evaluation.extract_features(encode, refs, batch, mesh)}, mesh)
-  num_steps = attack.train.epochs * dataset.steps_per_epoch
-  tx = make_optimizer(attack.optim, num_steps, dataset.steps_per_epoch,
-                      trainable=encoder_finetune.trainable_mask(clean))
+  steps_per_epoch = len(shadow) // attack.train.batch_size
+  num_steps = attack.train.epochs * steps_per_epoch
+  tx = make_optimizer(attack.optim, num_steps, steps_per_epoch, trainable=encoder_finetune.trainable_mask(clean))
   state = jax.jit(lambda e: encoder_finetune.init_state(e, tx, config.experiment, config.get("drupe")),
                   out_shardings=parallel.replicated(mesh))(clean)
   if run.done(stage):
     state = checkpoint.load_latest(f"{run.stage_dir(stage)}/ckpt", state)
   else:
-    step = jax.jit(encoder_finetune.make_step(clean.graphdef, tx, config, dataset.steps_per_epoch, trigger),
+    # The clean encoder's features of the un-augmented inputs are constants: computed once, here.
+    encode, batch = encoders.encode_fn(clean, config.model), config.evaluate.batch_size
+    images = pretraining.images[shadow]
+    dataset = DeviceDataset({"image": images,
+                             "clean_feature": evaluation.extract_features(encode, images, batch, mesh)},
+                            mesh, attack.train.batch_size, config.seed)
+    constants = parallel.put_replicated(
+        {"reference": refs, "clean_reference": evaluation.extract_features(encode, refs, batch, mesh)}, mesh)
+    trigger = triggers.make_trigger(attack.trigger, config.data.image_size)
+    step = jax.jit(encoder_finetune.make_step(clean.graphdef, tx, config, steps_per_epoch, trigger),
                    donate_argnums=0)
     state = _train(run, stage, state, step, lambda s: dataset.batch(s) | constants, attack.train, num_steps,
                    mesh, config.seed)
