@@ -1,4 +1,6 @@
-"""Throughput of the SSL pre-training step, built as training builds it, on synthetic images.
+"""Throughput of a config's training step, built as training builds it, on synthetic images: the SSL
+pre-training step (simclr, moco, byol, ctrl configs), the encoder-poisoning step (badencoder, drupe) or the
+distillation defense's step (distill).
 
   python -m jaxpurify.bench [--config configs/simclr.py[:ARGS]] [--config.a.b=V ...] [--steps N]
                             [--warmup N] [--json PATH]
@@ -15,11 +17,8 @@ import time
 import jax
 import numpy as np
 
-from jaxpurify import cli, parallel
-from jaxpurify.data.device import DeviceDataset
+from jaxpurify import cli, encoders, parallel, stages
 from jaxpurify.errors import UserError
-from jaxpurify.ssl import METHODS
-from jaxpurify.train.state import create_state, make_optimizer
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "simclr.py")
 USAGE = ("usage: python -m jaxpurify.bench [--config configs/simclr.py[:ARGS]] [--config.a.b=V ...] "
@@ -93,25 +92,61 @@ def peak_memory() -> tuple[int, int] | None:
   return max(s["peak_bytes_in_use"] for s in stats), min(s.get("bytes_limit", 0) for s in stats)
 
 
+def _synthetic_images(count: int, size: int) -> np.ndarray:
+  return np.random.default_rng(0).integers(0, 256, (count, size, size, 3), np.uint8)
+
+
+def ssl_bench(config, mesh):
+  """The pre-training step of config.pretrain -> (state, step, batch_fn, global batch, what a batch holds)."""
+  batch_size = config.pretrain.train.batch_size
+  images = _synthetic_images(NUM_BATCHES * batch_size, config.data.image_size)
+  _, state, step, dataset, _ = stages.ssl_training(config, images, mesh)
+  return state, step, dataset.batch, batch_size, "2 augmented views each"
+
+
+def attack_bench(config, mesh):
+  """The BadEncoder/DRUPE step on an untrained clean encoder -> (state, step, batch_fn, global batch, what)."""
+  attack, size = config.attack, config.data.image_size
+  clean = parallel.put_replicated(encoders.build_backbone(config.model, config.seed), mesh)
+  shadow = _synthetic_images(NUM_BATCHES * attack.train.batch_size, size)
+  refs = _synthetic_images(attack.num_references, size)
+  state, step, _ = stages.attack_training(config, clean, len(shadow), mesh)
+  batch_fn = stages.attack_batches(config, clean, shadow, refs, mesh)
+  what = f"shadow, triggered and {attack.num_references} x augmented-reference images each"
+  return state, step, batch_fn, attack.train.batch_size, what
+
+
+def distill_bench(config, mesh):
+  """The distillation step: a random student and teacher of the configured architectures -> (state, step,
+  batch_fn, global batch, what)."""
+  from jaxpurify.defenses import stages as defense_stages  # pylint: disable=g-import-not-at-top
+  ssl = config.defense.ssl
+  images = _synthetic_images(NUM_BATCHES * ssl.train.batch_size, config.data.image_size)
+  teacher = parallel.put_replicated(encoders.build_backbone(defense_stages.teacher_model(config), config.seed), mesh)
+  student_config = defense_stages.ssl_config(config, ssl.train.epochs, model=defense_stages.student_model(config))
+  graphdef, student, *_ = stages.ssl_training(student_config, images, mesh)
+  state, step, _, batch_fn, _ = defense_stages.distill_training(
+      config, teacher, (graphdef, student.params, student.batch_stats), images, mesh)
+  return state, step, batch_fn, ssl.train.batch_size, "2 student views (trained) and 1 teacher view (inference) each"
+
+
+BENCHES = {"pretrain": ssl_bench, "ctrl": ssl_bench, "badencoder": attack_bench, "drupe": attack_bench,
+           "distill": distill_bench}
+
+
 def measure(config, steps: int, warmup: int) -> dict:
-  """Builds, compiles and times config's SSL step; returns the numbers `report` prints."""
-  if "pretrain" not in config:
-    raise UserError(f"config.experiment={config.experiment!r} has no pre-training step to time; use a config "
-                    "with a `pretrain` block (configs/simclr.py, moco.py, byol.py)")
-  method = METHODS[config.pretrain.method]
-  batch_size, size = config.pretrain.train.batch_size, config.data.image_size
+  """Builds, compiles and times config's training step; returns the numbers `report` prints."""
+  if config.experiment not in BENCHES:
+    raise UserError(f"config.experiment={config.experiment!r} has no step to time; benchmarked: "
+                    f"{', '.join(BENCHES)}")
+  size = config.data.image_size
   mesh = parallel.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    tx = make_optimizer(config.pretrain.optim, steps + warmup)
-    graphdef, state = create_state(lambda: method.build_model(config), tx, mesh,
-                                   lambda s: method.init_extra(config, s))
-    images = np.random.default_rng(0).integers(0, 256, (NUM_BATCHES * batch_size, size, size, 3), np.uint8)
-    dataset = DeviceDataset({"image": images}, mesh, batch_size, config.seed)
-    step = jax.jit(method.make_step(graphdef, tx, config), donate_argnums=0)
+    state, step, batch_fn, batch_size, per_image = BENCHES[config.experiment](config, mesh)
     key = jax.device_put(jax.random.key(config.seed), parallel.replicated(mesh))
 
     tick = time.perf_counter()
-    compiled = step.lower(state, dataset.batch(0), key).compile()
+    compiled = step.lower(state, batch_fn(0), key).compile()
     compile_s = time.perf_counter() - tick
     flops = (compiled.cost_analysis() or {}).get("flops", 0.0)  # one device's partition of the program
 
@@ -119,7 +154,7 @@ def measure(config, steps: int, warmup: int) -> dict:
       nonlocal state
       for i in range(first, first + count):
         with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
-          state, metrics = compiled(state, dataset.batch(i), key)
+          state, metrics = compiled(state, batch_fn(i), key)
       jax.block_until_ready((state, metrics))
 
     if warmup:
@@ -136,7 +171,8 @@ def measure(config, steps: int, warmup: int) -> dict:
       "device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
       "process_count": jax.process_count(),
       "experiment": config.experiment, "model": config.model.name, "width": config.model.width,
-      "image_size": size, "global_batch": batch_size, "dtype": "float32", "steps": steps, "warmup": warmup,
+      "image_size": size, "global_batch": batch_size, "per_image": per_image, "dtype": "float32",
+      "steps": steps, "warmup": warmup,
       "compile_s": compile_s, "step_ms": step_s * 1e3, "images_per_s": batch_size / step_s,
       "peak_memory_bytes": memory and memory[0], "memory_limit_bytes": memory and (memory[1] or None),
       "flops_per_step_per_device": flops if flops > 0 else None,
@@ -175,7 +211,7 @@ def report(r: dict, config_name: str) -> str:
       ("config", f"{config_name} ({r['experiment']} step, {r['dtype']})"),
       ("devices", f"{n} x {r['device_kind']} ({r['platform']}, {r['process_count']} process(es))"),
       ("model", f"{r['model']} width {r['width']}, {r['image_size']}x{r['image_size']} images"),
-      ("batch", f"{r['global_batch']} images global ({r['global_batch'] // n} per device), 2 views each"),
+      ("batch", f"{r['global_batch']} images global ({r['global_batch'] // n} per device), {r['per_image']}"),
       ("compile", f"{r['compile_s']:.1f} s (trace, lower and XLA-compile the step)"),
       ("step time", f"{r['step_ms']:.1f} ms (mean of {r['steps']} steps after {r['warmup']} warm-up, "
                     "with the on-device batch gather)"),

@@ -4,6 +4,7 @@ An `Encoder` is the ResNet backbone alone (no projection head): attacks fine-tun
 evaluation reads its pooled feature. It comes from a pre-training state or from a checkpoint on disk.
 """
 
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -36,29 +37,43 @@ def build_backbone(model_config, seed: int) -> Encoder:
                             nnx.Param, nnx.BatchStat))
 
 
-def encode_fn(encoder: Encoder, model_config, transform=None):
-  """A jitted uint8 [B, H, W, 3] -> feature [B, D] in inference mode; `transform` (uint8 -> uint8, e.g. a
-  trigger) is applied first, on device."""
-  mean, std = jnp.asarray(model_config.mean), jnp.asarray(model_config.std)
+@functools.lru_cache(maxsize=64)
+def _forward(graphdef, mean: tuple, std: tuple, transform):
+  """One jitted inference forward per (architecture, normalisation, transform), shared by every encoder."""
 
   @jax.jit
   def encode(params, batch_stats, images):
     if transform is not None:
       images = transform(images)
-    model = nnx.merge(encoder.graphdef, params, batch_stats)
-    feature, _ = model(augment.normalize(augment.to_float(images), mean, std), train=False)
+    model = nnx.merge(graphdef, params, batch_stats)
+    feature, _ = model(augment.normalize(augment.to_float(images), jnp.asarray(mean), jnp.asarray(std)),
+                       train=False)
     return feature
 
+  return encode
+
+
+def encode_fn(encoder: Encoder, model_config, transform=None):
+  """A jitted uint8 [B, H, W, 3] -> feature [B, D] in inference mode; `transform` (uint8 -> uint8, e.g. a
+  trigger) is applied first, on device."""
+  encode = _forward(encoder.graphdef, tuple(model_config.mean), tuple(model_config.std), transform)
   return lambda images: encode(encoder.params, encoder.batch_stats, images)
 
 
-def find_checkpoint(path: str) -> str:
-  """A pre-training run's workdir, its stage folder or its ckpt folder -> the ckpt folder."""
-  for candidate in (os.path.join(path, "pretrain", "ckpt"), os.path.join(path, "ckpt"), path):
+# The stages whose checkpoint is a run's encoder, by the role the encoder plays: a clean encoder is a pre-training
+# run's; a suspect (or teacher, or student) is a run's last encoder: defended, attacked or (CTRL) poisoned.
+CLEAN_STAGES = ("pretrain",)
+FINAL_STAGES = ("distill", "attack", "pretrain_poisoned", "pretrain")
+
+
+def find_checkpoint(path: str, stages=CLEAN_STAGES, field: str = "config.attack.clean_encoder") -> str:
+  """A run's workdir (its first finished stage of `stages`), a stage folder or a ckpt folder -> the ckpt folder."""
+  candidates = [os.path.join(path, stage, "ckpt") for stage in stages] + [os.path.join(path, "ckpt"), path]
+  for candidate in candidates:
     if os.path.isdir(candidate) and ocp.CheckpointManager(os.path.abspath(candidate)).latest_step() is not None:
       return candidate
-  raise UserError(f"no checkpoint found at {path}; set config.attack.clean_encoder to the workdir of a finished "
-                  "pre-training run (e.g. runs/simclr) or to its pretrain/ckpt folder")
+  raise UserError(f"no checkpoint found at {path}; set {field} to the workdir of a finished run (e.g. runs/simclr) "
+                  "or to one of its stages' ckpt folders")
 
 
 def _match(expected, stored, where: str, directory: str, model_config):
@@ -78,29 +93,31 @@ def _match(expected, stored, where: str, directory: str, model_config):
           for k, v in expected.items()}
 
 
-def load_backbone(path: str, model_config, mesh) -> Encoder:
-  """The backbone of the latest pre-training checkpoint under `path`, replicated over `mesh`.
+def load_backbone(path: str, model_config, mesh, stages=CLEAN_STAGES,
+                  field: str = "config.attack.clean_encoder") -> Encoder:
+  """The backbone of the latest checkpoint under `path` (see find_checkpoint), replicated over `mesh`.
 
-  Works for any SSL method's checkpoint (only params/backbone and batch_stats/backbone are read) and
-  refuses, in one line, a checkpoint of another architecture than config.model.
+  Reads a pre-training state of any SSL method (params/backbone, batch_stats/backbone) or an encoder attack's
+  (params and batch_stats are the backbone); refuses, in one line, another architecture than `model_config`.
   """
-  directory = os.path.abspath(find_checkpoint(path))
+  directory = os.path.abspath(find_checkpoint(path, stages, field))
   mngr = ocp.CheckpointManager(directory)
   step = mngr.latest_step()
   try:
     raw = mngr.restore(step, args=ocp.args.StandardRestore())
   except Exception as err:  # orbax raises many types for a damaged checkpoint
-    raise UserError(f"checkpoint {directory}/{step} cannot be read ({type(err).__name__}); point "
-                    "config.attack.clean_encoder to a finished pre-training run") from None
+    raise UserError(f"checkpoint {directory}/{step} cannot be read ({type(err).__name__}); point {field} to a "
+                    "finished run") from None
   finally:
     mngr.close()
   like = build_backbone(model_config, 0)
   found = []
   for kind, state in (("params", like.params), ("batch_stats", like.batch_stats)):
-    stored = raw.get(kind, {}).get("backbone") if isinstance(raw, dict) else None
-    if stored is None:
-      raise UserError(f"checkpoint {directory} holds no encoder backbone; point config.attack.clean_encoder to a "
-                      "finished pre-training run")
+    stored = raw.get(kind) if isinstance(raw, dict) else None
+    if isinstance(stored, dict) and "backbone" in stored:
+      stored = stored["backbone"]
+    elif not (isinstance(stored, dict) and "stages" in stored):
+      raise UserError(f"checkpoint {directory} holds no encoder backbone; point {field} to a finished run")
     nnx.replace_by_pure_dict(state, _match(nnx.to_pure_dict(state), stored, "", directory, model_config))
     found.append(state)
   return Encoder(like.graphdef, *parallel.put_replicated(tuple(found), mesh))

@@ -6,6 +6,7 @@ Each stage owns `workdir/<stage>/`; a finished stage (done.json) is loaded, not 
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxpurify import data, encoders, evaluation, parallel, triggers
 from jaxpurify.attacks import encoder_finetune, references
@@ -21,30 +22,57 @@ def load_data(config, name: str, split: str) -> data.ImageSplit:
   return data.load_split(name, split, data_dir=config.data.data_dir or None, image_size=config.data.image_size)
 
 
-def _train(run, stage, state, step, batch_fn, train, num_steps, mesh, seed):
+def train(run, stage, state, step, batch_fn, train_config, num_steps, mesh, seed, after_step=None):
+  """`run_steps` in the stage's folder with the run key of `seed` and the logging of `train_config`."""
   key = jax.device_put(jax.random.key(seed), parallel.replicated(mesh))
   return run_steps(run.stage_dir(stage), stage, state, step, batch_fn, key, num_steps=num_steps,
-                   log_every=train.log_every, checkpoint_every=train.checkpoint_every,
-                   keep=train.keep_checkpoints, images_per_step=train.batch_size)
+                   log_every=train_config.log_every, checkpoint_every=train_config.checkpoint_every,
+                   keep=train_config.keep_checkpoints, images_per_step=train_config.batch_size,
+                   after_step=after_step)
 
 
 def pretrain_ssl(run, stage: str, config, mesh, images: np.ndarray | None = None) -> Encoder:
   """Self-supervised pre-training (config.pretrain) on `images` (default: config.data); returns the backbone."""
-  method, train = METHODS[config.pretrain.method], config.pretrain.train
   if images is None:
     images = load_data(config, config.data.name, config.data.split).images
-  dataset = DeviceDataset({"image": images}, mesh, train.batch_size, config.seed)
-  num_steps = train.epochs * dataset.steps_per_epoch
-  tx = make_optimizer(config.pretrain.optim, num_steps, dataset.steps_per_epoch)
-  graphdef, state = create_state(lambda: method.build_model(config), tx, mesh,
-                                 lambda s: method.init_extra(config, s))
+  return encoders.backbone_of(*ssl_stage(run, stage, config, images, mesh))
+
+
+def ssl_stage(run, stage: str, config, images: np.ndarray, mesh, init_backbone: Encoder | None = None):
+  """config.pretrain's method on uint8 `images` [N, H, W, 3], from `init_backbone` if given (a fresh head);
+  -> (graphdef, final TrainState), trained here or loaded when the stage is finished."""
+  graphdef, state, step, dataset, num_steps = ssl_training(config, images, mesh, init_backbone)
   if run.done(stage):
     state = checkpoint.load_latest(f"{run.stage_dir(stage)}/ckpt", state)
   else:
-    step = jax.jit(method.make_step(graphdef, tx, config), donate_argnums=0)
-    state = _train(run, stage, state, step, dataset.batch, train, num_steps, mesh, config.seed)
+    state = train(run, stage, state, step, dataset.batch, config.pretrain.train, num_steps, mesh, config.seed)
     run.finish(stage, {"steps": num_steps, "examples": dataset.num_examples})
-  return encoders.backbone_of(graphdef, state)
+  return graphdef, state
+
+
+def ssl_training(config, images: np.ndarray, mesh, init_backbone: Encoder | None = None):
+  """-> (graphdef, state at step 0, jitted donating step, DeviceDataset, number of steps) of config.pretrain's
+  method on uint8 `images` [N, H, W, 3]; the backbone starts from `init_backbone` when given."""
+  method, train = METHODS[config.pretrain.method], config.pretrain.train
+  dataset = DeviceDataset({"image": images}, mesh, train.batch_size, config.seed)
+  num_steps = train.epochs * dataset.steps_per_epoch
+  tx = make_optimizer(config.pretrain.optim, num_steps, dataset.steps_per_epoch)
+  init_extra = lambda s: method.init_extra(config, s)
+  graphdef, state = create_state(lambda: method.build_model(config), tx, mesh, init_extra)
+  if init_backbone is not None:
+    state = jax.jit(lambda s, b: with_backbone(graphdef, s, b, init_extra),
+                    out_shardings=parallel.replicated(mesh))(state, init_backbone)
+  step = jax.jit(method.make_step(graphdef, tx, config), donate_argnums=0)
+  return graphdef, state, step, dataset, num_steps
+
+
+def with_backbone(graphdef, state, backbone: Encoder, init_extra):
+  """The state at step 0 with `backbone`'s arrays in place of the model's `.backbone` (extra recomputed)."""
+  model = nnx.merge(graphdef, state.params, state.batch_stats)
+  nnx.update(model.backbone, backbone.params, backbone.batch_stats)
+  _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  state = state.replace(params=params, batch_stats=batch_stats)
+  return state.replace(extra=init_extra(state))
 
 
 def clean_encoder(run, config, mesh) -> Encoder:
@@ -55,35 +83,44 @@ def clean_encoder(run, config, mesh) -> Encoder:
 
 
 def attack_encoder(run, stage: str, config, clean: Encoder, mesh) -> Encoder:
-  """BadEncoder or DRUPE (config.experiment) fine-tuning of `clean`; returns the backdoored backbone."""
+  """BadEncoder or DRUPE (config.attack.mode) fine-tuning of `clean`; returns the backdoored backbone."""
   attack = config.attack
   pretraining = load_data(config, config.data.name, config.data.split)
   shadow = encoder_finetune.shadow_indices(len(pretraining.images), attack.shadow_fraction, config.seed)
   downstream = load_data(config, attack.downstream, "train")
   refs = references.choose(downstream, attack.target, attack.num_references, config.seed, attack.reference_file)
-  steps_per_epoch = len(shadow) // attack.train.batch_size
-  num_steps = attack.train.epochs * steps_per_epoch
-  tx = make_optimizer(attack.optim, num_steps, steps_per_epoch, trainable=encoder_finetune.trainable_mask(clean))
-  state = jax.jit(lambda e: encoder_finetune.init_state(e, tx, config.experiment, config.get("drupe")),
-                  out_shardings=parallel.replicated(mesh))(clean)
+  state, step, num_steps = attack_training(config, clean, len(shadow), mesh)
   if run.done(stage):
     state = checkpoint.load_latest(f"{run.stage_dir(stage)}/ckpt", state)
   else:
-    # The clean encoder's features of the un-augmented inputs are constants: computed once, here.
-    encode, batch = encoders.encode_fn(clean, config.model), config.evaluate.batch_size
-    images = pretraining.images[shadow]
-    dataset = DeviceDataset({"image": images,
-                             "clean_feature": evaluation.extract_features(encode, images, batch, mesh)},
-                            mesh, attack.train.batch_size, config.seed)
-    constants = parallel.put_replicated(
-        {"reference": refs, "clean_reference": evaluation.extract_features(encode, refs, batch, mesh)}, mesh)
-    trigger = triggers.make_trigger(attack.trigger, config.data.image_size)
-    step = jax.jit(encoder_finetune.make_step(clean.graphdef, tx, config, steps_per_epoch, trigger),
-                   donate_argnums=0)
-    state = _train(run, stage, state, step, lambda s: dataset.batch(s) | constants, attack.train, num_steps,
-                   mesh, config.seed)
+    batch_fn = attack_batches(config, clean, pretraining.images[shadow], refs, mesh)
+    state = train(run, stage, state, step, batch_fn, attack.train, num_steps, mesh, config.seed)
     run.finish(stage, {"steps": num_steps, "shadow_examples": len(shadow), "references": len(refs)})
   return Encoder(clean.graphdef, state.params, state.batch_stats)
+
+
+def attack_training(config, clean: Encoder, num_shadow: int, mesh):
+  """-> (state at step 0, jitted donating step, number of steps) of BadEncoder/DRUPE on `num_shadow` images."""
+  attack = config.attack
+  steps_per_epoch = num_shadow // attack.train.batch_size
+  num_steps = attack.train.epochs * steps_per_epoch
+  tx = make_optimizer(attack.optim, num_steps, steps_per_epoch, trainable=encoder_finetune.trainable_mask(clean))
+  state = jax.jit(lambda e: encoder_finetune.init_state(e, tx, config.attack.mode, config.get("drupe")),
+                  out_shardings=parallel.replicated(mesh))(clean)
+  trigger = triggers.make_trigger(attack.trigger, config.data.image_size)
+  step = jax.jit(encoder_finetune.make_step(clean.graphdef, tx, config, steps_per_epoch, trigger), donate_argnums=0)
+  return state, step, num_steps
+
+
+def attack_batches(config, clean: Encoder, shadow: np.ndarray, refs: np.ndarray, mesh):
+  """-> batch_fn(step) for the attack step: shadow images uint8 [N, H, W, 3] with the clean encoder's features
+  (constants: computed once, here) and the references uint8 [R, H, W, 3] with theirs, replicated."""
+  encode, batch = encoders.encode_fn(clean, config.model), config.evaluate.batch_size
+  dataset = DeviceDataset({"image": shadow, "clean_feature": evaluation.extract_features(encode, shadow, batch, mesh)},
+                          mesh, config.attack.train.batch_size, config.seed)
+  constants = parallel.put_replicated(
+      {"reference": refs, "clean_reference": evaluation.extract_features(encode, refs, batch, mesh)}, mesh)
+  return lambda step: dataset.batch(step) | constants
 
 
 def evaluate_encoders(run, stage: str, encoders_: dict[str, Encoder], config, mesh, backdoor=None) -> dict:
@@ -96,22 +133,30 @@ def evaluate_encoders(run, stage: str, encoders_: dict[str, Encoder], config, me
   if (record := run.done(stage)) is not None:
     return record["evaluations"]
   ev = config.evaluate
-  key = jax.random.key(config.seed)
   evaluations = {}
   for dataset in ev.datasets:
     train, test = load_data(config, dataset, "train"), load_data(config, dataset, "test")
-    attacked = backdoor is not None and backdoor[0] == dataset
+    attacked = backdoor if backdoor is not None and backdoor[0] == dataset else None
     for name, encoder in encoders_.items():
-      features = lambda images, transform=None: evaluation.extract_features(
-          encoders.encode_fn(encoder, config.model, transform), images, ev.batch_size, mesh)
-      train_feats, test_feats = features(train.images), features(test.images)
-      extra = dict(triggered_test_feats=features(test.images, backdoor[1]), target=backdoor[2]) if attacked else {}
-      row = {}
-      for protocol in (ev.protocol, *ev.monitors):
-        result = evaluation.evaluate(protocol, train_feats, train.labels, test_feats, test.labels,
-                                     train.num_classes, key, mesh=mesh, **extra, **ev[protocol].to_dict())
-        result.pop("loss", None)  # the head's training loss is not a result
-        row.update(result if protocol == ev.protocol else {f"{k}_{protocol}": v for k, v in result.items()})
-      evaluations[f"{name}/{dataset}"] = row
+      evaluations[f"{name}/{dataset}"] = encoder_metrics(encoder, config, train, test, (ev.protocol, *ev.monitors),
+                                                         mesh, attacked)
   run.finish(stage, {"evaluations": evaluations})
   return evaluations
+
+
+def encoder_metrics(encoder: Encoder, config, train: data.ImageSplit, test: data.ImageSplit, protocols, mesh,
+                    backdoor=None) -> dict:
+  """acc (and asr, asr_all with `backdoor` = (dataset, trigger, target)) of the first protocol on the frozen
+  encoder's features of `train` and `test`; the other protocols' under `<metric>_<protocol>`."""
+  ev = config.evaluate
+  features = lambda images, transform=None: evaluation.extract_features(
+      encoders.encode_fn(encoder, config.model, transform), images, ev.batch_size, mesh)
+  train_feats, test_feats = features(train.images), features(test.images)
+  extra = dict(triggered_test_feats=features(test.images, backdoor[1]), target=backdoor[2]) if backdoor else {}
+  row = {}
+  for protocol in protocols:
+    result = evaluation.evaluate(protocol, train_feats, train.labels, test_feats, test.labels, train.num_classes,
+                                 jax.random.key(config.seed), mesh=mesh, **extra, **ev[protocol].to_dict())
+    result.pop("loss", None)  # the head's training loss is not a result
+    row.update(result if protocol == protocols[0] else {f"{k}_{protocol}": v for k, v in result.items()})
+  return row

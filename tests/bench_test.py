@@ -47,6 +47,42 @@ class BenchTest(absltest.TestCase):
     for cpu_unknown in ("peak_memory_bytes", "peak_tflops_per_device", "peak_used", "utilisation"):
       self.assertIsNone(small[cpu_unknown], cpu_unknown)
 
+  def test_attack_steps(self):
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+      for mode in ("badencoder", "drupe"):
+        path = os.path.join(tmp, f"{mode}.json")
+        status, out, _ = run_bench("--config", f"configs/{mode}.py:quick", "--config.model.width=4",
+                                   "--config.attack.train.batch_size=16", "--steps", "1", "--warmup", "0",
+                                   "--json", path)
+        self.assertEqual(status, 0)
+        self.assertIn(f"({mode} step, float32)", out)
+        with open(path, encoding="utf-8") as f:
+          results[mode] = json.load(f)
+    for r in results.values():
+      self.assertEqual(r["global_batch"], 16)
+      self.assertAlmostEqual(r["images_per_s"], 16 / (r["step_ms"] / 1e3), delta=1e-6)
+    # DRUPE embeds 3 references' augmented batches where BadEncoder embeds 1: five batch forwards and
+    # backwards (triggered, shadow, 3 x references) against three, plus DRUPE's extra augmentations and terms.
+    self.assertBetween(results["drupe"]["flops_per_step"] / results["badencoder"]["flops_per_step"], 1.5, 2.2)
+
+  def test_distill_step_costs_a_simclr_step_plus_a_teacher_forward(self):
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+      for name, argv in (("simclr", TINY + ["--config.pretrain.train.batch_size=16"]),
+                         ("distill", ["--config", "configs/distill.py:quick", "--config.model.width=4",
+                                      "--config.defense.ssl.head.dim=8", "--config.defense.ssl.train.batch_size=16",
+                                      "--steps", "1", "--warmup", "0"])):
+        path = os.path.join(tmp, f"{name}.json")
+        status, out, _ = run_bench(*argv, "--json", path)
+        self.assertEqual(status, 0)
+        with open(path, encoding="utf-8") as f:
+          results[name] = json.load(f)
+    self.assertIn("(distill step, float32)", out)
+    self.assertEqual(results["distill"]["global_batch"], 16)
+    # Two trained student views (forward + backward, about 3 forwards each) and one inference teacher view.
+    self.assertBetween(results["distill"]["flops_per_step"] / results["simclr"]["flops_per_step"], 1.05, 1.4)
+
   def test_bad_input_is_one_error_line(self):
     for argv in (["--config.model.depth=3"], ["--steps", "0"], ["--workdir", "x"],
                  ["--config", "configs/nope.py"]):

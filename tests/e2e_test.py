@@ -4,6 +4,7 @@ The quick config is shrunk further here (width 4, 2 epochs, short evaluation) to
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -146,7 +147,8 @@ def attack_run(config, workdir, clean_workdir, *extra):
 def test_encoder_attack_on_a_pretrained_encoder(uninterrupted, tmp, mode):
   workdir = os.path.join(tmp, mode)
   results, out = attack_run(f"configs/{mode}.py:quick", workdir, uninterrupted[0],
-                            "--config.attack.train.epochs=2", "--config.attack.train.log_every=5")
+                            "--config.attack.train.epochs=2", "--config.attack.train.batch_size=128",
+                            "--config.attack.train.log_every=5")
   assert results["experiment"] == mode
   clean, poisoned = results["evaluations"]["clean/digits"], results["evaluations"]["poisoned/digits"]
   assert set(clean) == set(poisoned) == {"acc", "asr", "asr_all", "acc_knn", "asr_knn", "asr_all_knn"}
@@ -166,3 +168,41 @@ def test_ctrl_poisons_the_target_class_and_pretrains_on_it(uninterrupted, tmp):
   assert len(positions) == int(0.05 * 1437)
   assert set(results["evaluations"]) == {"clean/digits", "poisoned/digits"}
   assert os.path.exists(os.path.join(workdir, "pretrain_poisoned", "done.json"))
+
+
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_quick_pretraining_with_another_ssl_method(tmp, method):
+  workdir = os.path.join(tmp, method)
+  proc = main_py("--config", f"configs/{method}.py:quick", "--workdir", workdir, *TINY,
+                 "--config.pretrain.train.epochs=1")
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  results = read(workdir, "results.json")
+  assert results["experiment"] == "pretrain"
+  assert read(workdir, "config.json")["pretrain"]["method"] == method
+  assert 0.3 < results["evaluations"]["clean/digits"]["acc"] <= 1.0
+  metrics = read(workdir, "pretrain/metrics.jsonl")
+  assert [m["step"] for m in metrics] == [4, 8, 12, 16, 20, 22]  # one epoch of 1437 // 64 steps
+  assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_distillation_defense_end_to_end(uninterrupted, tmp):
+  workdir = os.path.join(tmp, "distill")
+  tiny_defense = ["--config.attack.train.epochs=1", "--config.defense.teacher.epochs=1",
+                  "--config.defense.student.warmup_epochs=1", "--config.defense.ssl.train.epochs=2",
+                  "--config.defense.monitor.every_epochs=1", "--config.defense.ssl.head.dim=8"]
+  results, out = attack_run("configs/distill.py:quick", workdir, uninterrupted[0], *tiny_defense)
+  assert results["experiment"] == "distill"
+  assert set(results["evaluations"]) == {"clean/digits", "poisoned/digits", "teacher/digits", "defended/digits"}
+  assert all({"acc", "asr", "asr_all"} <= set(row) for row in results["evaluations"].values())
+  assert "| defended/digits |" in out
+  for stage in ("attack", "teacher", "warmup", "distill", "evaluate"):
+    assert os.path.exists(os.path.join(workdir, stage, "done.json")), stage
+  steps_per_epoch = int(0.2 * 1437) // 64
+  monitor = read(workdir, "distill/monitor.jsonl")
+  assert [m["step"] for m in monitor] == [0, steps_per_epoch, 2 * steps_per_epoch]
+  assert [m["epoch"] for m in monitor] == [0.0, 1.0, 2.0]
+  metrics = read(workdir, "distill/metrics.jsonl")
+  assert {"loss", "nt_xent", "at_layer1", "at_layer4"} <= set(metrics[-1])
+  with open(os.path.join(workdir, "distill.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -57,9 +57,9 @@ def make_step(graphdef, tx, config, steps_per_epoch: int, trigger):
 
   batch: 'image' uint8 [B, H, W, 3] shadow images and 'clean_feature' [B, D] (the clean encoder's, sharded
   along `data`); 'reference' uint8 [R, H, W, 3] and 'clean_reference' [R, D] (replicated).
-  trigger: uint8 [B, H, W, 3] -> uint8 [B, H, W, 3]. config.experiment picks the loss (MODES).
+  trigger: uint8 [B, H, W, 3] -> uint8 [B, H, W, 3]. config.attack.mode picks the loss (MODES).
   """
-  attack, mode = config.attack, config.experiment
+  attack, mode = config.attack, config.attack.mode
   mean, std = jnp.asarray(config.model.mean), jnp.asarray(config.model.std)
   aug = attack.augment
   finetune = dict(crop=False, flip_prob=aug.flip_prob, jitter=tuple(aug.jitter), jitter_prob=aug.jitter_prob,

@@ -18,11 +18,12 @@ class Preempted(UserError):
 
 def run_steps(stage_dir: str, stage: str, state, step_fn: Callable, batch_fn: Callable[[int], dict],
               key: jax.Array, *, num_steps: int, log_every: int, checkpoint_every: int, keep: int,
-              images_per_step: int):
+              images_per_step: int, after_step: Callable[[int, object], None] | None = None):
   """Runs `state = step_fn(state, batch_fn(step), key)` until `state.step == num_steps`.
 
   Resumes from the latest checkpoint in `stage_dir/ckpt`; writes `stage_dir/metrics.jsonl` every
   `log_every` steps (loss, health metrics, images/s); stops with a UserError on a non-finite metric.
+  `after_step(done, state)`, if given, runs after every step (e.g. a periodic evaluation).
   Returns the final state, which is also saved.
   """
   mngr = checkpoint.manager(f"{stage_dir}/ckpt", every=checkpoint_every, keep=keep)
@@ -51,6 +52,8 @@ def run_steps(stage_dir: str, stage: str, state, step_fn: Callable, batch_fn: Ca
       writer.write(done, metrics)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.0f}")
       bar.update(done - bar.n)
+    if after_step is not None:
+      after_step(done, state)
     mngr.save(done, args=ocp.args.StandardSave(state), force=done == num_steps)
     if mngr.reached_preemption(done):
       mngr.wait_until_finished()

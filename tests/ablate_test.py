@@ -1,0 +1,72 @@
+"""The comparison grid of the distillation defense: its cells, the stages they share, its table, bad input."""
+
+import contextlib
+import io
+import os
+
+from absl.testing import absltest
+
+from jaxpurify import ablate, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def quick(*overrides):
+  config = cli.load_config(os.path.join(ROOT, "configs", "distill.py"), "quick")
+  cli.apply_overrides(config, [tuple(item.split("=", 1)) for item in overrides])
+  return config
+
+
+class AblateTest(absltest.TestCase):
+
+  def test_one_factor_at_a_time_grid(self):
+    cells = ablate.cells(quick(), "oat")
+    labels = list(cells)
+    self.assertEqual(labels[0], "finetuned/warmup/at")  # the base cell first
+    # 4 teachers + 3 students + 8 losses, the base cell counted once.
+    self.assertLen(labels, 1 + 3 + 2 + 7)
+    self.assertEqual({label.split("/")[0] for label in labels},
+                     {"finetuned", "poisoned", "finetuned->resnet34", "finetuned->width16"})
+    self.assertEqual({label.split("/")[1] for label in labels}, {"warmup", "random", "poisoned_copy"})
+    self.assertEqual({label.split("/")[2] for label in labels},
+                     {"at", "afd", "fitnet", "cc", "kd", "clone", "sp", "at+clone"})
+    # Every non-base cell differs from the base in exactly one factor.
+    for label in labels[1:]:
+      self.assertEqual(sum(a != b for a, b in zip(label.split("/"), labels[0].split("/"))), 1, label)
+    atd = ablate.cell_config(quick(), cells["finetuned/warmup/at+clone"])
+    self.assertEqual((atd.defense.loss.name, atd.defense.loss.clone_weight), ("at", 1.0))
+    wide = ablate.cell_config(quick(), cells["finetuned->width16/warmup/at"])
+    self.assertEqual(wide.defense.student.model.width, 16)
+
+  def test_full_grid_and_a_base_cell_of_another_setting(self):
+    self.assertLen(ablate.cells(quick(), "full"), 4 * 3 * 8)
+    cells = ablate.cells(quick("defense.teacher.kind=poisoned", "defense.loss.name=kd"), "oat")
+    self.assertEqual(next(iter(cells)), "poisoned/warmup/kd")
+
+  def test_cells_share_the_stages_their_config_leaves_unchanged(self):
+    base = quick()
+    cells = ablate.cells(base, "oat")
+    shared = lambda label: ablate.shared_stages(base, ablate.cell_config(base, cells[label]))
+    self.assertEqual(shared("finetuned/warmup/kd"), ["pretrain", "attack", "teacher", "warmup"])
+    self.assertEqual(shared("poisoned/warmup/at"), ["pretrain", "attack", "warmup"])
+    self.assertEqual(shared("finetuned/random/at"), ["pretrain", "attack", "teacher"])
+    self.assertEqual(shared("finetuned->resnet34/warmup/at"), ["pretrain", "attack", "teacher"])
+
+  def test_table(self):
+    row = dict(cell="finetuned/warmup/at", teacher="finetuned", student="warmup", loss="at", poisoned_acc=0.9,
+               poisoned_asr=0.98, acc=0.91, asr=0.01, asr_all=0.02, delta_acc=0.01, delta_asr=-0.97)
+    text = ablate.table([row])
+    self.assertIn("| finetuned | warmup | at | 91.00 | 1.00 | 2.00 | +1.00 | -97.00 |", text)
+    self.assertIn("acc 90.00, asr 98.00", text)
+
+  def test_bad_input_is_one_error_line(self):
+    for argv in (["--config", "configs/simclr.py:quick"], ["--config", "configs/distill.py:quick", "--grid", "x"]):
+      out, err = io.StringIO(), io.StringIO()
+      with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = ablate.main(argv)
+      self.assertEqual(status, 2, argv)
+      self.assertTrue(err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1, err.getvalue())
+
+
+if __name__ == "__main__":
+  absltest.main()
