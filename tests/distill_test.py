@@ -264,6 +264,27 @@ class DefenderImagesTest(absltest.TestCase):
     self.assertNotEqual(rows, list(range(66)))
 
 
+class StartingPointTest(absltest.TestCase):
+
+  def test_ssl_training_from_a_given_backbone(self):
+    """The fine-tuned teacher and the poisoned_copy student start from the suspect's backbone, fresh head."""
+    config = tiny("model.name=resnet18")
+    ssl = defense_stages.ssl_config(config, 1)
+    mesh = jax.make_mesh((8,), ("data",))
+    suspect = encoders.build_backbone(config.model, seed=11)
+    images = np.zeros((BATCH, 32, 32, 3), np.uint8)
+    with jax.set_mesh(mesh):
+      _, fresh, *_ = stages.ssl_training(ssl, images, mesh)
+      graphdef, state, *_ = stages.ssl_training(ssl, images, mesh, init_backbone=suspect)
+    loaded = encoders.backbone_of(graphdef, state)
+    for got, want in ((loaded.params, suspect.params), (loaded.batch_stats, suspect.batch_stats)):
+      jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(got), nnx.to_pure_dict(want))
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(state.params["head"]),
+                 nnx.to_pure_dict(fresh.params["head"]))
+    self.assertFalse(np.array_equal(fresh.params["backbone"]["stem_conv"]["kernel"][...],
+                                    suspect.params["stem_conv"]["kernel"][...]))
+
+
 class MonitorTest(absltest.TestCase):
   """Records at multiples of monitor.every_epochs; a restart at an earlier step drops the later records."""
 
