@@ -189,6 +189,29 @@ class CleanEncoderTest(absltest.TestCase):
       with self.assertRaisesRegex(UserError, "no checkpoint found"):
         encoders.load_backbone(os.path.join(tmp, "nothing"), config.model, mesh)
 
+  def test_a_suspect_is_a_runs_last_encoder_and_may_be_an_attack_checkpoint(self):
+    config = simclr_tiny()
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    graphdef, pretrained = create_state(lambda: simclr.build_model(config), make_optimizer(config.pretrain.optim),
+                                        mesh)
+    attacked = encoders.build_backbone(config.model, seed=3)  # an attack's state holds the backbone itself
+    attack_state = encoder_finetune.init_state(attacked, make_optimizer(config.pretrain.optim), "badencoder")
+    with tempfile.TemporaryDirectory() as tmp:
+      for stage, state in (("pretrain", pretrained), ("attack", attack_state)):
+        mngr = ocp.CheckpointManager(os.path.join(tmp, stage, "ckpt"))
+        mngr.save(5, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+        mngr.close()
+      for stages, expected in ((encoders.CLEAN_STAGES, encoders.backbone_of(graphdef, pretrained)),
+                               (encoders.FINAL_STAGES, attacked)):
+        loaded = encoders.load_backbone(tmp, config.model, mesh, stages)
+        for a, b in zip(jax.tree.leaves((loaded.params, loaded.batch_stats)),
+                        jax.tree.leaves((expected.params, expected.batch_stats))):
+          np.testing.assert_array_equal(a, b)
+      with self.assertRaisesRegex(UserError, "set config.defense.suspect_encoder"):
+        encoders.load_backbone(os.path.join(tmp, "nothing"), config.model, mesh, encoders.FINAL_STAGES,
+                               "config.defense.suspect_encoder")
+
 
 def simclr_tiny():
   from configs import simclr as simclr_config  # pylint: disable=g-import-not-at-top
