@@ -217,7 +217,7 @@ def _augment_one(key: jax.Array, img: jax.Array, crop: bool, crop_scale, crop_ra
   return jnp.where(u_gray < gray_prob, grayscale(img), img)
 
 
-def _batch_keys(key: jax.Array, images: jax.Array) -> jax.Array:
+def batch_keys(key: jax.Array, images: jax.Array) -> jax.Array:
   """One key per sample, sharded like the batch axis of `images` (vmap needs matching shardings)."""
   keys = jax.random.split(key, images.shape[0])
   sharding = jax.typeof(images).sharding
@@ -238,4 +238,4 @@ def simclr_augment(key: jax.Array, images: jax.Array, *, crop: bool = True,
   augment = functools.partial(_augment_one, crop=crop, crop_scale=tuple(crop_scale), crop_ratio=tuple(crop_ratio),
                               flip_prob=flip_prob, jitter=tuple(jitter), jitter_prob=jitter_prob,
                               gray_prob=gray_prob)
-  return jax.vmap(augment)(_batch_keys(key, images), to_float(images))
+  return jax.vmap(augment)(batch_keys(key, images), to_float(images))

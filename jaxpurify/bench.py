@@ -1,6 +1,7 @@
 """Throughput of a config's training step, built as training builds it, on synthetic images: the SSL
-pre-training step (simclr, moco, byol, ctrl configs), the encoder-poisoning step (badencoder, drupe) or the
-distillation defense's step (distill).
+pre-training step (simclr, moco, byol, ctrl configs), the encoder-poisoning step (badencoder, drupe), the
+distillation defense's step (distill) or the downstream fine-tuning step (threat: the last of
+config.finetune.protocols, FT-all unless set).
 
   python -m jaxpurify.bench [--config configs/simclr.py[:ARGS]] [--config.a.b=V ...] [--steps N]
                             [--warmup N] [--json PATH]
@@ -130,8 +131,21 @@ def distill_bench(config, mesh):
   return state, step, batch_fn, ssl.train.batch_size, "2 student views (trained) and 1 teacher view (inference) each"
 
 
+def finetune_bench(config, mesh):
+  """The downstream fine-tuning step of config.finetune.protocols[-1] (FT-all by default) on an untrained encoder
+  -> (state, step, batch_fn, global batch, what)."""
+  from jaxpurify import threats  # pylint: disable=g-import-not-at-top
+  protocol = config.finetune.protocols[-1]
+  batch_size = config.finetune[protocol].train.batch_size
+  images = _synthetic_images(NUM_BATCHES * batch_size, config.data.image_size)
+  labels = np.arange(len(images)) % 10
+  encoder = parallel.put_replicated(encoders.build_backbone(config.model, config.seed), mesh)
+  _, state, step, dataset, _ = threats.finetune_training(config, protocol, encoder, images, labels, 10, mesh)
+  return state, step, dataset.batch, batch_size, f"{protocol}: 1 augmented labelled view each"
+
+
 BENCHES = {"pretrain": ssl_bench, "ctrl": ssl_bench, "badencoder": attack_bench, "drupe": attack_bench,
-           "distill": distill_bench}
+           "distill": distill_bench, "threat": finetune_bench}
 
 
 def measure(config, steps: int, warmup: int) -> dict:

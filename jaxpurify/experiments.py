@@ -4,7 +4,7 @@ import os
 
 import jax
 
-from jaxpurify import data, encoders, parallel, plots, stages, triggers
+from jaxpurify import data, encoders, parallel, plots, stages, threats, triggers
 from jaxpurify.attacks import ctrl as ctrl_attack
 from jaxpurify.attacks import references
 from jaxpurify.defenses import distill
@@ -32,7 +32,7 @@ def _backdoor(config):
 def encoder_attack(run: Run, mesh) -> dict:
   """clean encoder (pretrain or a checkpoint) -> BadEncoder/DRUPE fine-tuning -> evaluate both encoders."""
   config = run.config
-  clean = stages.clean_encoder(run, config, mesh)
+  clean = stages.clean_encoder(run, config, mesh, config.attack.clean_encoder)
   poisoned = stages.attack_encoder(run, "attack", config, clean, mesh)
   return stages.evaluate_encoders(run, "evaluate", {"clean": clean, "poisoned": poisoned}, config, mesh,
                                   _backdoor(config))
@@ -41,7 +41,7 @@ def encoder_attack(run: Run, mesh) -> dict:
 def ctrl(run: Run, mesh) -> dict:
   """clean encoder -> CTRL-poison the pre-training set -> pre-train on it -> evaluate both encoders."""
   config, attack = run.config, run.config.attack
-  clean = stages.clean_encoder(run, config, mesh)
+  clean = stages.clean_encoder(run, config, mesh, config.attack.clean_encoder)
   split = stages.load_data(config, config.data.name, config.data.split)
   index = ctrl_attack.poison_indices(split.labels, attack.target, attack.poison_ratio)
   if not run.done("poison"):
@@ -61,7 +61,7 @@ def distillation_defense(run: Run, mesh) -> dict:
     suspect = encoders.load_backbone(defense.suspect_encoder, config.model, mesh, encoders.FINAL_STAGES,
                                      "config.defense.suspect_encoder")
   else:
-    rows["clean"] = stages.clean_encoder(run, config, mesh)
+    rows["clean"] = stages.clean_encoder(run, config, mesh, config.attack.clean_encoder)
     suspect = stages.attack_encoder(run, "attack", config, rows["clean"], mesh)
   rows["poisoned"] = suspect
   split = stages.load_data(config, config.data.name, config.data.split)
@@ -82,7 +82,7 @@ def distillation_defense(run: Run, mesh) -> dict:
 
 
 EXPERIMENTS = {"pretrain": pretrain, "badencoder": encoder_attack, "drupe": encoder_attack, "ctrl": ctrl,
-               "distill": distillation_defense}
+               "distill": distillation_defense, "threat": threats.threat}
 
 
 def check_inputs(config) -> None:
@@ -99,17 +99,20 @@ def check_inputs(config) -> None:
       data.ensure_available(name, split, data_dir=data_dir)
   if "attack" in config:
     _check_attack(config)
+  if config.experiment == "threat":
+    threats.check(config)
   if "defense" in config:
     _check_defense(config)
 
 
 def _check_attack(config) -> None:
   attack = config.attack
-  triggers.make_trigger(attack.trigger, config.data.image_size)
+  if "trigger" in attack:  # threat 3's encoder attack takes the data attack's trigger
+    triggers.make_trigger(attack.trigger, config.data.image_size)
   if attack.downstream not in config.evaluate.datasets:
     raise UserError(f"the attack's downstream set {attack.downstream!r} is not evaluated; add it to "
                     "config.evaluate.datasets")
-  if attack.clean_encoder:
+  if attack.get("clean_encoder"):
     encoders.load_backbone(attack.clean_encoder, config.model, parallel.make_mesh(config.mesh))
   if config.experiment == "ctrl":
     labels = stages.load_data(config, config.data.name, config.data.split).labels

@@ -75,21 +75,23 @@ def with_backbone(graphdef, state, backbone: Encoder, init_extra):
   return state.replace(extra=init_extra(state))
 
 
-def clean_encoder(run, config, mesh) -> Encoder:
-  """config.attack.clean_encoder's backbone if a path is given, else pre-trained here (stage `pretrain`)."""
-  if config.attack.clean_encoder:
-    return encoders.load_backbone(config.attack.clean_encoder, config.model, mesh)
+def clean_encoder(run, config, mesh, path: str, field: str = "config.attack.clean_encoder") -> Encoder:
+  """The backbone of the run at `path` (config `field`) if given, else pre-trained here (stage `pretrain`)."""
+  if path:
+    return encoders.load_backbone(path, config.model, mesh, field=field)
   return pretrain_ssl(run, "pretrain", config, mesh)
 
 
-def attack_encoder(run, stage: str, config, clean: Encoder, mesh) -> Encoder:
-  """BadEncoder or DRUPE (config.attack.mode) fine-tuning of `clean`; returns the backdoored backbone."""
+def attack_encoder(run, stage: str, config, clean: Encoder, mesh, trigger=None) -> Encoder:
+  """BadEncoder or DRUPE (config.attack.mode) fine-tuning of `clean`; returns the backdoored backbone.
+
+  trigger: uint8 [B, H, W, 3] -> uint8, jittable; default config.attack.trigger's."""
   attack = config.attack
   pretraining = load_data(config, config.data.name, config.data.split)
   shadow = encoder_finetune.shadow_indices(len(pretraining.images), attack.shadow_fraction, config.seed)
   downstream = load_data(config, attack.downstream, "train")
   refs = references.choose(downstream, attack.target, attack.num_references, config.seed, attack.reference_file)
-  state, step, num_steps = attack_training(config, clean, len(shadow), mesh)
+  state, step, num_steps = attack_training(config, clean, len(shadow), mesh, trigger)
   if run.done(stage):
     state = checkpoint.load_latest(f"{run.stage_dir(stage)}/ckpt", state)
   else:
@@ -99,15 +101,16 @@ def attack_encoder(run, stage: str, config, clean: Encoder, mesh) -> Encoder:
   return Encoder(clean.graphdef, state.params, state.batch_stats)
 
 
-def attack_training(config, clean: Encoder, num_shadow: int, mesh):
-  """-> (state at step 0, jitted donating step, number of steps) of BadEncoder/DRUPE on `num_shadow` images."""
+def attack_training(config, clean: Encoder, num_shadow: int, mesh, trigger=None):
+  """-> (state at step 0, jitted donating step, number of steps) of BadEncoder/DRUPE on `num_shadow` images,
+  with `trigger` (default config.attack.trigger's)."""
   attack = config.attack
   steps_per_epoch = num_shadow // attack.train.batch_size
   num_steps = attack.train.epochs * steps_per_epoch
   tx = make_optimizer(attack.optim, num_steps, steps_per_epoch, trainable=encoder_finetune.trainable_mask(clean))
   state = jax.jit(lambda e: encoder_finetune.init_state(e, tx, config.attack.mode, config.get("drupe")),
                   out_shardings=parallel.replicated(mesh))(clean)
-  trigger = triggers.make_trigger(attack.trigger, config.data.image_size)
+  trigger = trigger or triggers.make_trigger(attack.trigger, config.data.image_size)
   step = jax.jit(encoder_finetune.make_step(clean.graphdef, tx, config, steps_per_epoch, trigger), donate_argnums=0)
   return state, step, num_steps
 

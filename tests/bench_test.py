@@ -66,6 +66,24 @@ class BenchTest(absltest.TestCase):
     # backwards (triggered, shadow, 3 x references) against three, plus DRUPE's extra augmentations and terms.
     self.assertBetween(results["drupe"]["flops_per_step"] / results["badencoder"]["flops_per_step"], 1.5, 2.2)
 
+  def test_ft_head_step_costs_less_than_ft_all(self):
+    """FT-head runs the encoder forward only (no backward through it): well under FT-all's FLOPs."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+      for protocol in ("ft_head", "ft_all"):
+        path = os.path.join(tmp, f"{protocol}.json")
+        status, out, _ = run_bench("--config", "configs/threat.py:threat=2,attack=badnets,quick",
+                                   "--config.model.width=4", f"--config.finetune.protocols=('{protocol}',)",
+                                   f"--config.finetune.{protocol}.train.batch_size=16", "--steps", "1",
+                                   "--json", path)
+        self.assertEqual(status, 0)
+        self.assertIn("(threat step, float32)", out)
+        with open(path, encoding="utf-8") as f:
+          results[protocol] = json.load(f)
+    self.assertEqual(results["ft_all"]["global_batch"], 16)
+    # A backward pass costs about twice the forward: FT-all ~ 3 forwards, FT-head ~ 1 (plus the head).
+    self.assertBetween(results["ft_head"]["flops_per_step"] / results["ft_all"]["flops_per_step"], 0.2, 0.5)
+
   def test_distill_step_costs_a_simclr_step_plus_a_teacher_forward(self):
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

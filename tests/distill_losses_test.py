@@ -8,7 +8,6 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 

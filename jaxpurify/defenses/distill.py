@@ -16,7 +16,6 @@ the weight of the clone term (negative cosine of the final features):
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxpurify import losses

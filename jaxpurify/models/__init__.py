@@ -31,6 +31,24 @@ class BYOLModel(SSLModel):
     self.predictor = ProjectionHead(proj_dim, predictor_hidden, proj_dim, rngs=rngs)
 
 
+class LinearClassifier(nnx.Module):
+  """Backbone + one linear layer: normalised images [B, H, W, 3] -> logits [B, num_classes] (the attacks'
+  surrogate classifiers)."""
+
+  def __init__(self, backbone: ResNet, num_classes: int, *, rngs: nnx.Rngs):
+    self.backbone = backbone
+    self.head = nnx.Linear(backbone.feature_dim, num_classes, rngs=rngs)
+
+  def __call__(self, x, train: bool = False):
+    feature, _ = self.backbone(x, train)
+    return self.head(feature)
+
+
+def build_linear_classifier(model_config, num_classes: int, rngs: nnx.Rngs) -> LinearClassifier:
+  """model_config: name, width."""
+  return LinearClassifier(build_encoder(model_config.name, model_config.width, rngs=rngs), num_classes, rngs=rngs)
+
+
 def build_encoder(name: str, width: int, *, rngs: nnx.Rngs) -> ResNet:
   if name not in ARCHS:
     raise UserError(f"unknown model {name!r}; set config.model.name to one of {sorted(ARCHS)}")
@@ -52,5 +70,5 @@ def build_byol_model(model_config, head, predictor_hidden: int, seed: int) -> BY
   return BYOLModel(backbone, head.hidden, head.dim, predictor_hidden, rngs=rngs)
 
 
-__all__ = ["ARCHS", "BYOLModel", "ProjectionHead", "ResNet", "SSLModel", "build_byol_model", "build_encoder",
+__all__ = ["ARCHS", "BYOLModel", "LinearClassifier", "build_linear_classifier", "ProjectionHead", "ResNet", "SSLModel", "build_byol_model", "build_encoder",
            "build_ssl_model"]
