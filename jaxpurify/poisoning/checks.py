@@ -4,7 +4,9 @@ import math
 
 import numpy as np
 
+from jaxpurify import parallel
 from jaxpurify.errors import UserError
+from jaxpurify.train.state import SCHEDULES
 
 
 def number(value, name: str, low: float | None = None, high: float | None = None, open_low: bool = False) -> float:
@@ -26,3 +28,19 @@ def integer(value, name: str, low: int) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
     raise UserError(f"{name} must be an integer of at least {low}, got {value!r}; fix {name}")
   return int(value)
+
+
+def auxiliary_training(block, prefix: str) -> None:
+  """The settings every auxiliary model shares: optim (name, schedule, lr), train (epochs, batch_size) and the
+  poisoning batch (attack.batch_size), under `prefix` (e.g. 'config.poison.issba')."""
+  if block.optim.name not in ("sgd", "adam"):
+    raise UserError(f"unknown optimizer {block.optim.name!r}; set {prefix}.optim.name to 'adam' or 'sgd'")
+  if block.optim.schedule not in SCHEDULES:
+    raise UserError(f"unknown schedule {block.optim.schedule!r}; set {prefix}.optim.schedule to one of "
+                    f"{', '.join(SCHEDULES)}")
+  number(block.optim.lr, f"{prefix}.optim.lr", 0.0)
+  integer(block.train.epochs, f"{prefix}.train.epochs", 1)
+  parallel.check_global_batch(integer(block.train.batch_size, f"{prefix}.train.batch_size", 1),
+                              f"{prefix}.train.batch_size")
+  parallel.check_global_batch(integer(block.attack.batch_size, f"{prefix}.attack.batch_size", 1),
+                              f"{prefix}.attack.batch_size")

@@ -50,7 +50,7 @@ from jaxpurify import augment, parallel
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
 from jaxpurify.poisoning import checks
-from jaxpurify.train.state import SCHEDULES, TrainState, apply_gradients, create_state, make_optimizer
+from jaxpurify.train.state import TrainState, apply_gradients, create_state, make_optimizer
 
 PREFIX = "config.poison.issba"
 
@@ -118,16 +118,7 @@ def check_config(block, image_size: int) -> None:
   _integer(block.loss.l2_await, "loss.l2_await", 0)
   _integer(block.loss.l2_ramp, "loss.l2_ramp", 1)
   _number(block.loss.l2_start_accuracy, "loss.l2_start_accuracy", 0.0, 1.0)
-  if block.optim.name not in ("sgd", "adam"):
-    raise UserError(f"unknown optimizer {block.optim.name!r}; set {PREFIX}.optim.name to 'adam' or 'sgd'")
-  if block.optim.schedule not in SCHEDULES:
-    raise UserError(f"unknown schedule {block.optim.schedule!r}; set {PREFIX}.optim.schedule to one of "
-                    f"{', '.join(SCHEDULES)}")
-  _number(block.optim.lr, "optim.lr", 0.0)
-  _integer(block.train.epochs, "train.epochs", 1)
-  parallel.check_global_batch(_integer(block.train.batch_size, "train.batch_size", 1), f"{PREFIX}.train.batch_size")
-  parallel.check_global_batch(_integer(block.attack.batch_size, "attack.batch_size", 1),
-                              f"{PREFIX}.attack.batch_size")
+  checks.auxiliary_training(block, PREFIX)
   _check_size(_integer(image_size, "image_size", 1), image_size, block)
 
 

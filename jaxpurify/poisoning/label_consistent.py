@@ -48,7 +48,7 @@ from jaxpurify.errors import UserError
 from jaxpurify.poisoning import checks
 from jaxpurify.finetune import crop_flip
 from jaxpurify.models import ARCHS, LinearClassifier, build_linear_classifier
-from jaxpurify.train.state import SCHEDULES, TrainState, apply_gradients, create_state, make_optimizer
+from jaxpurify.train.state import TrainState, apply_gradients, create_state, make_optimizer
 
 PREFIX = "config.poison.label_consistent"
 QUANTIZE = ("round", "truncate")
@@ -116,16 +116,7 @@ def check_config(block, image_size: int) -> None:
   _check_pgd(block.attack, "attack")
   _integer(block.augment.padding, "augment.padding", 0)
   _number(block.augment.flip_prob, "augment.flip_prob", 0.0, 1.0)
-  if block.optim.name not in ("sgd", "adam"):
-    raise UserError(f"unknown optimizer {block.optim.name!r}; set {PREFIX}.optim.name to 'sgd' or 'adam'")
-  if block.optim.schedule not in SCHEDULES:
-    raise UserError(f"unknown schedule {block.optim.schedule!r}; set {PREFIX}.optim.schedule to one of "
-                    f"{', '.join(SCHEDULES)}")
-  _number(block.optim.lr, "optim.lr", 0.0)
-  _integer(block.train.epochs, "train.epochs", 1)
-  parallel.check_global_batch(_integer(block.train.batch_size, "train.batch_size", 1), f"{PREFIX}.train.batch_size")
-  parallel.check_global_batch(_integer(block.attack.batch_size, "attack.batch_size", 1),
-                              f"{PREFIX}.attack.batch_size")
+  checks.auxiliary_training(block, PREFIX)
   if block.attack.quantize not in QUANTIZE:
     raise UserError(f"{PREFIX}.attack.quantize must be one of {', '.join(QUANTIZE)}, got "
                     f"{block.attack.quantize!r}; fix {PREFIX}.attack.quantize")
