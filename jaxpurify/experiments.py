@@ -7,7 +7,7 @@ import jax
 from jaxpurify import data, encoders, parallel, plots, stages, threats, triggers
 from jaxpurify.attacks import ctrl as ctrl_attack
 from jaxpurify.attacks import references
-from jaxpurify.defenses import distill
+from jaxpurify.defenses import distill, tcore
 from jaxpurify.defenses import stages as defense_stages
 from jaxpurify.errors import UserError
 from jaxpurify.evaluation import PROTOCOLS
@@ -82,7 +82,7 @@ def distillation_defense(run: Run, mesh) -> dict:
 
 
 EXPERIMENTS = {"pretrain": pretrain, "badencoder": encoder_attack, "drupe": encoder_attack, "ctrl": ctrl,
-               "distill": distillation_defense, "threat": threats.threat}
+               "distill": distillation_defense, "threat": threats.threat, "tcore": tcore.tcore}
 
 
 def check_inputs(config) -> None:
@@ -99,8 +99,11 @@ def check_inputs(config) -> None:
       data.ensure_available(name, split, data_dir=data_dir)
   if "attack" in config:
     _check_attack(config)
-  if config.experiment == "threat":
+  if config.experiment in ("threat", "tcore"):
     threats.check(config)
+  if config.experiment == "tcore":
+    train = stages.load_data(config, config.finetune.dataset, "train")
+    tcore.check(config, train.labels, train.num_classes)
   if "defense" in config:
     _check_defense(config)
 
@@ -197,15 +200,17 @@ def _check_defense(config) -> None:
 
 
 def run(config, workdir: str) -> dict:
-  """Runs (or resumes) the experiment; prints and returns its evaluations."""
+  """Runs (or resumes) the experiment; prints and returns its evaluations (an experiment may also return
+  diagnostics, which go to results.json and results.md beside them)."""
   if config.experiment not in EXPERIMENTS:
     raise UserError(f"unknown experiment {config.experiment!r}; known: {', '.join(EXPERIMENTS)}")
   check_inputs(config)
   run_ = Run(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    evaluations = EXPERIMENTS[config.experiment](run_, mesh)
-  table = run_.write_results(evaluations)
+    result = EXPERIMENTS[config.experiment](run_, mesh)
+  evaluations, diagnostics = result if isinstance(result, tuple) else (result, None)
+  table = run_.write_results(evaluations, diagnostics)
   if jax.process_index() == 0:
     print(f"\n{table}\n\nresults: {workdir}/results.json")
   return evaluations

@@ -70,11 +70,12 @@ def crop_flip(key: jax.Array, images: jax.Array, padding: int, flip_prob: float)
   return jax.vmap(one)(augment.batch_keys(key, padded), padded)
 
 
-def make_step(graphdef, tx, protocol: str, augment_config, mean, std):
+def make_step(graphdef, tx, protocol: str, augment_config, mean, std, param_mask=None):
   """-> step(state, batch, key) -> (state, metrics) of `protocol` (PROTOCOLS); pure, jit it with the state donated.
 
   batch: 'image' uint8 [B, H, W, 3] and 'label' int32 [B], sharded along `data`. augment_config: padding,
-  flip_prob. metrics: loss (mean cross-entropy), accuracy (on the augmented batch) and the health norms.
+  flip_prob. param_mask: a tree like the params of multipliers applied after every update (pruned channels
+  stay 0), or None. metrics: loss (mean cross-entropy), accuracy (on the augmented batch) and the health norms.
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f"unknown fine-tuning protocol {protocol!r}; use one of {PROTOCOLS}")
@@ -97,6 +98,8 @@ def make_step(graphdef, tx, protocol: str, augment_config, mean, std):
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state, health = apply_gradients(state, tx, grads, batch_stats)
+    if param_mask is not None:
+      state = state.replace(params=jax.tree.map(lambda p, m: p * m, state.params, param_mask))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return state, {"loss": loss, "accuracy": accuracy, **health}
 
@@ -118,6 +121,11 @@ def predict_fn(graphdef, state: TrainState, mean, std, transform=None):
   return lambda images: logits(state.params, state.batch_stats, images)
 
 
+def predict_logits(logits_fn, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+  """Logits float32 [N, C] of uint8 images [N, H, W, 3], batched over the mesh."""
+  return evaluation.apply_batched(logits_fn, images, batch_size, mesh)
+
+
 def predict(logits_fn, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
   """Predicted labels int [N] of uint8 images [N, H, W, 3], batched over the mesh (argmax of the logits)."""
-  return np.argmax(evaluation.extract_features(logits_fn, images, batch_size, mesh), axis=-1)
+  return np.argmax(predict_logits(logits_fn, images, batch_size, mesh), axis=-1)

@@ -76,11 +76,15 @@ class Run:
     _write_json(os.path.join(self.stage_dir(stage), "done.json"), record)
     return record
 
-  def write_results(self, evaluations: dict[str, dict]) -> str:
-    """Writes results.json and results.md; returns the Markdown table."""
-    _write_json(os.path.join(self.workdir, "results.json"),
-                {"experiment": self.name, "evaluations": evaluations, "seed": self.config.seed})
+  def write_results(self, evaluations: dict[str, dict], diagnostics: dict | None = None) -> str:
+    """Writes results.json and results.md (evaluations, then any diagnostics); returns the Markdown text."""
+    results = {"experiment": self.name, "evaluations": evaluations, "seed": self.config.seed}
+    if diagnostics is not None:
+      results["diagnostics"] = diagnostics
+    _write_json(os.path.join(self.workdir, "results.json"), results)
     table = results_table(evaluations)
+    if diagnostics is not None:
+      table += "\n\n" + "\n".join(f"- {name}: {json.dumps(value)}" for name, value in diagnostics.items())
     if jax.process_index() == 0:
       with open(os.path.join(self.workdir, "results.md"), "w") as f:
         f.write(f"# {self.name}\n\n{table}\n")

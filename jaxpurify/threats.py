@@ -11,12 +11,15 @@ poisoned set in poison/poisoned_train.npz and poison/samples.png), finetune_<row
 """
 
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from jaxpurify import data, encoders, finetune, parallel, plots, stages, triggers
 from jaxpurify.data.device import DeviceDataset
+from jaxpurify.defenses import channels
 from jaxpurify.encoders import Encoder
 from jaxpurify.errors import UserError
 from jaxpurify.evaluation.metrics import backdoor_metrics
@@ -69,10 +72,12 @@ def poison_data(run, config, split: data.ImageSplit, mesh):
 
 
 def finetune_training(config, protocol: str, encoder: Encoder, images: np.ndarray, labels: np.ndarray,
-                      num_classes: int, mesh):
+                      num_classes: int, mesh, channel_masks=None, block=None):
   """-> (graphdef, state at step 0, jitted donating step, DeviceDataset, number of steps) of `protocol` on
-  uint8 images [N, H, W, 3] with labels [N], starting from `encoder`."""
-  ft, block = config.finetune, config.finetune[protocol]
+  uint8 images [N, H, W, 3] with labels [N], starting from `encoder`; `channel_masks` (defenses.channels) keep
+  the pruned encoder channels at 0 through every update. block: {optim, train}, default config.finetune[protocol].
+  """
+  ft, block = config.finetune, block or config.finetune[protocol]
   dataset = DeviceDataset({"image": images, "label": labels.astype(np.int32)}, mesh, block.train.batch_size,
                           config.seed)
   num_steps = block.train.epochs * dataset.steps_per_epoch
@@ -80,9 +85,18 @@ def finetune_training(config, protocol: str, encoder: Encoder, images: np.ndarra
   tx = make_optimizer(block.optim, num_steps, dataset.steps_per_epoch, trainable=trainable)
   graphdef, state = create_state(lambda: finetune.build_classifier(encoder, num_classes, ft.head, config.seed),
                                  tx, mesh)
-  step = jax.jit(finetune.make_step(graphdef, tx, protocol, ft.augment, config.model.mean, config.model.std),
-                 donate_argnums=0)
+  param_mask = channels.classifier_param_mask(state.params, channel_masks) if channel_masks else None
+  step = jax.jit(finetune.make_step(graphdef, tx, protocol, ft.augment, config.model.mean, config.model.std,
+                                    param_mask), donate_argnums=0)
   return graphdef, state, step, dataset, num_steps
+
+
+def evaluate_classifier(config, graphdef, state, test: data.ImageSplit, trigger, target: int, mesh) -> dict:
+  """{acc, asr, asr_all} of a fine-tuned classifier on `test` and its triggered copy."""
+  batch, mean, std = config.evaluate.batch_size, config.model.mean, config.model.std
+  clean = finetune.predict(finetune.predict_fn(graphdef, state, mean, std), test.images, batch, mesh)
+  triggered = finetune.predict(finetune.predict_fn(graphdef, state, mean, std, trigger), test.images, batch, mesh)
+  return backdoor_metrics(clean, test.labels, triggered, target)
 
 
 def finetune_stage(run, stage: str, config, protocol: str, encoder: Encoder, images, labels,
@@ -94,38 +108,64 @@ def finetune_stage(run, stage: str, config, protocol: str, encoder: Encoder, ima
                                                                 test.num_classes, mesh)
   state = stages.train(run, stage, state, step, dataset.batch, config.finetune[protocol].train, num_steps, mesh,
                        config.seed)
-  batch = config.evaluate.batch_size
-  mean, std = config.model.mean, config.model.std
-  clean = finetune.predict(finetune.predict_fn(graphdef, state, mean, std), test.images, batch, mesh)
-  triggered = finetune.predict(finetune.predict_fn(graphdef, state, mean, std, trigger), test.images, batch, mesh)
-  evaluation = backdoor_metrics(clean, test.labels, triggered, target)
+  evaluation = evaluate_classifier(config, graphdef, state, test, trigger, target, mesh)
   run.finish(stage, {"steps": num_steps, "evaluation": evaluation})
   return evaluation
 
 
-def threat(run, mesh) -> dict:
-  """clean encoder -> [encoder attack] / [poisoned downstream set] -> FT-head and FT-all of the clean and the
-  threatened pair -> {'clean/ft_head': {acc, asr, asr_all}, 'poisoned/ft_head': ..., ...}."""
+class Setting(NamedTuple):
+  """A threat, made: the clean encoder, the victim's encoder and training data, the test split and the backdoor.
+
+  poison: the positions of the poisoned training samples (empty under threat 1), for the defenses' diagnostics.
+  """
+  clean: Encoder
+  encoder: Encoder
+  train: data.ImageSplit
+  victim_images: np.ndarray
+  victim_labels: np.ndarray
+  poison: np.ndarray
+  test: data.ImageSplit
+  trigger: Callable
+  target: int
+
+
+def setting(run, mesh) -> Setting:
+  """clean encoder -> [encoder attack] / [poisoned downstream set]: the stages every threat experiment shares."""
   config = run.config
   clean = stages.clean_encoder(run, config, mesh, config.clean_encoder, "config.clean_encoder")
   name = config.finetune.dataset
   train, test = stages.load_data(config, name, "train"), stages.load_data(config, name, "test")
-  victim_images, victim_labels = train.images, train.labels
+  victim_images, victim_labels, poison = train.images, train.labels, np.zeros(0, np.int64)
   if "poison" in config:
     poisoned, trigger = poison_data(run, config, train, mesh)
-    victim_images, victim_labels, target = poisoned.images, poisoned.labels, config.poison.target
+    victim_images, victim_labels, poison, target = (poisoned.images, poisoned.labels, poisoned.poison,
+                                                    config.poison.target)
   else:
     trigger, target = triggers.make_trigger(config.attack.trigger, config.data.image_size), config.attack.target
   encoder = clean
   if "attack" in config:
     encoder = stages.attack_encoder(run, "attack", config, clean, mesh, trigger if "poison" in config else None)
+  return Setting(clean, encoder, train, victim_images, victim_labels, poison, test, trigger, target)
+
+
+def undefended_rows(run, setting_: Setting, mesh) -> dict:
+  """FT of the clean pair and of the threatened pair, per protocol: {'clean/<protocol>': {acc, asr, asr_all},
+  'poisoned/<protocol>': ...}."""
+  config, s = run.config, setting_
   rows = {}
   for protocol in config.finetune.protocols:
-    rows[f"clean/{protocol}"] = finetune_stage(run, f"finetune_clean_{protocol}", config, protocol, clean,
-                                               train.images, train.labels, test, trigger, target, mesh)
-    rows[f"poisoned/{protocol}"] = finetune_stage(run, f"finetune_poisoned_{protocol}", config, protocol, encoder,
-                                                  victim_images, victim_labels, test, trigger, target, mesh)
+    rows[f"clean/{protocol}"] = finetune_stage(run, f"finetune_clean_{protocol}", config, protocol, s.clean,
+                                               s.train.images, s.train.labels, s.test, s.trigger, s.target, mesh)
+    rows[f"poisoned/{protocol}"] = finetune_stage(run, f"finetune_poisoned_{protocol}", config, protocol, s.encoder,
+                                                  s.victim_images, s.victim_labels, s.test, s.trigger, s.target,
+                                                  mesh)
   return rows
+
+
+def threat(run, mesh) -> dict:
+  """The threat's setting, then FT-head and FT-all of the clean and the threatened pair -> {'clean/ft_head':
+  {acc, asr, asr_all}, 'poisoned/ft_head': ..., ...}."""
+  return undefended_rows(run, setting(run, mesh), mesh)
 
 
 def check(config) -> None:

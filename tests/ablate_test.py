@@ -1,8 +1,10 @@
-"""The comparison grid of the distillation defense: its cells, the stages they share, its table, bad input."""
+"""Ablations: the distillation defense's comparison grid (cells, shared stages, table, bad input) and T-Core's
+component ablation (shared stages, table)."""
 
 import contextlib
 import io
 import os
+import tempfile
 
 from absl.testing import absltest
 
@@ -66,6 +68,36 @@ class AblateTest(absltest.TestCase):
         status = ablate.main(argv)
       self.assertEqual(status, 2, argv)
       self.assertTrue(err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1, err.getvalue())
+
+
+  def test_tcore_cells_reuse_only_the_stages_upstream_of_the_removed_component(self):
+    base = tempfile.mkdtemp()
+    for stage in ("pretrain", "poison", "finetune_clean_ft_all", "tcore_sift", "expand0_pretrain",
+                  "expand0_confuse", "tcore_filter", "boot0_ft_all"):
+      os.makedirs(os.path.join(base, stage))
+    setting = ["finetune_clean_ft_all", "poison", "pretrain"]
+    self.assertEqual(ablate.tcore_shared_stages(base, "sift"), setting)
+    self.assertEqual(ablate.tcore_shared_stages(base, "expand"), setting + ["tcore_sift"])
+    self.assertEqual(ablate.tcore_shared_stages(base, "filter"),
+                     ["expand0_confuse", "expand0_pretrain"] + setting + ["tcore_sift"])
+    self.assertNotIn("boot0_ft_all", ablate.tcore_shared_stages(base, "boot"))
+    self.assertIn("tcore_filter", ablate.tcore_shared_stages(base, "boot"))
+
+  def test_tcore_table_and_a_preset_skip_is_refused(self):
+    row = dict(removed="(none)", protocol="ft_all", acc=0.9667, asr=0.0, asr_all=0.0889, clean_acc=0.9889,
+               poisoned_acc=0.9833, poisoned_asr=0.9383, seed_purity=1.0, precision=0.1843, recall=0.7361,
+               trusted=653, trusted_purity=0.9418, pruned=9, final_trusted={"count": 826, "poisoned": 0})
+    text = ablate.tcore_table([row, dict(row, removed="expand", precision=None, recall=None)])
+    self.assertIn("| (none) | ft_all | 96.67 | 0.00 | 8.89 | 100.00 | 18.43 | 73.61 | 653 (94.18) | 9 | 826 (0) |",
+                  text)
+    self.assertIn("| expand | ft_all | 96.67 | 0.00 | 8.89 | 100.00 | – | – |", text)
+    self.assertIn("Clean fine-tuning: acc 98.89; undefended (poisoned): acc 98.33, asr 93.83", text)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      status = ablate.main(["--config", "configs/tcore.py:quick", "--config.tcore.skip=('boot',)",
+                            "--workdir", tempfile.mkdtemp()])
+    self.assertEqual(status, 2)
+    self.assertIn("leave config.tcore.skip empty", err.getvalue())
 
 
 if __name__ == "__main__":

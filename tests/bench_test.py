@@ -84,6 +84,22 @@ class BenchTest(absltest.TestCase):
     # A backward pass costs about twice the forward: FT-all ~ 3 forwards, FT-head ~ 1 (plus the head).
     self.assertBetween(results["ft_head"]["flops_per_step"] / results["ft_all"]["flops_per_step"], 0.2, 0.5)
 
+  def test_confusion_step_costs_an_ft_all_step_of_both_batches(self):
+    """T-Core's confusion step runs 16 suspect + 16 seed images through FT-all: one FT-all step at batch 32."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+      for name, argv in (("tcore", ["--config", "configs/tcore.py:threat=2,attack=badnets,quick",
+                                    "--config.tcore.expand.batch_size=16", "--config.tcore.expand.seed_batch_size=16"]),
+                         ("ft_all", ["--config", "configs/threat.py:threat=2,attack=badnets,quick",
+                                     "--config.finetune.ft_all.train.batch_size=32"])):
+        path = os.path.join(tmp, f"{name}.json")
+        status, out, err = run_bench(*argv, "--config.model.width=4", "--steps", "1", "--json", path)
+        self.assertEqual(status, 0, err)
+        with open(path, encoding="utf-8") as f:
+          results[name] = json.load(f)
+    self.assertEqual(results["tcore"]["global_batch"], 32)
+    self.assertBetween(results["tcore"]["flops_per_step"] / results["ft_all"]["flops_per_step"], 0.9, 1.15)
+
   def test_distill_step_costs_a_simclr_step_plus_a_teacher_forward(self):
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

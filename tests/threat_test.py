@@ -151,26 +151,39 @@ def clean_encoder():
 
 
 @pytest.mark.integration
-def test_threat_2_writes_rows_poisoned_set_and_samples(clean_encoder):
+def test_tcore_under_threat_2_writes_rows_poisoned_set_diagnostics_and_resumes(clean_encoder):
+  """The threat-2 setting (poisoned set, clean and poisoned rows) and T-Core after it, in one tiny run."""
   tmp, clean = clean_encoder
-  workdir = os.path.join(tmp, "t2")
-  args = ["--config", "configs/threat.py:threat=2,attack=badnets,quick", "--workdir", workdir,
-          f"--config.clean_encoder={clean}", *TINY_FINETUNE]
+  workdir = os.path.join(tmp, "tcore2")
+  args = ["--config", "configs/tcore.py:threat=2,attack=badnets,quick", "--workdir", workdir,
+          f"--config.clean_encoder={clean}", *TINY_FINETUNE, "--config.tcore.expand.iters=(4,4)",
+          "--config.tcore.expand.pretrain_epochs=(1,1)", "--config.tcore.boot.steps_per_stage=2",
+          "--config.tcore.boot.schedule=(0.6,)", "--config.tcore.filter.u_grid=(3.0,)"]
   proc = _main(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "results.json")) as f:
-    rows = json.load(f)["evaluations"]
-  assert set(rows) == {"clean/ft_head", "poisoned/ft_head", "clean/ft_all", "poisoned/ft_all"}
-  assert all({"acc", "asr", "asr_all"} <= set(row) for row in rows.values())
+    results = json.load(f)
+  assert set(results["evaluations"]) == {"clean/ft_all", "poisoned/ft_all", "defended/ft_all"}
+  assert all({"acc", "asr", "asr_all"} <= set(row) for row in results["evaluations"].values())
   poisoned, block = attacks.load(os.path.join(workdir, "poison", "poisoned_train.npz"))
   assert block.attack == "badnets" and len(poisoned.poison) == 144  # round(0.1 * 1437)
   np.testing.assert_array_equal(poisoned.labels[poisoned.poison], 1)
   assert os.path.getsize(os.path.join(workdir, "poison", "samples.png")) > 1000
+  diagnostics = results["diagnostics"]
+  with open(os.path.join(workdir, "tcore_sift", "done.json")) as f:
+    seeds = json.load(f)["seeds"]
+  assert diagnostics["seeds"]["count"] == 200
+  assert diagnostics["seeds"]["poisoned"] == int(np.isin(seeds, poisoned.poison).sum())
+  expansion = diagnostics["expansion"]
+  assert expansion["suspected"] == round(0.4 * 1437) and {"precision", "recall", "trusted"} <= set(expansion)
+  assert sum(diagnostics["filter"]["pruned"].values()) == diagnostics["filter"]["pruned_total"]
+  core = diagnostics["bootstrap/ft_all"]
+  assert [c["count"] for c in core][0] == 200 and len(core) == 2 and core[1]["count"] >= 200
   before = os.path.getmtime(os.path.join(workdir, "poison", "poisoned_train.npz"))
   again = _main(*args)  # a finished run resumes to the same table without recomputing
   assert again.returncode == 0, again.stderr[-3000:]
   assert os.path.getmtime(os.path.join(workdir, "poison", "poisoned_train.npz")) == before
-  assert "| poisoned/ft_all |" in again.stdout
+  assert "| defended/ft_all |" in again.stdout
 
 
 @pytest.mark.integration

@@ -1,0 +1,110 @@
+"""T-Core's seed expansion by confusion training (tcore.md sections 4.2 and 5.2; a reconstruction).
+
+Confusion training (Qi et al., "Fight Poison with Poison") trains a classifier on the suspect set while pulling
+a small clean set towards wrong ("confused") labels. The confusion destroys the benign image-label links, so
+clean samples end with a high loss, while the backdoor's shortcut survives, so poisons keep a low one. T-Core
+has no clean reserve: the sifted seeds play the confusion set.
+
+One round: fine-tune a fresh classifier (suspect encoder + new head) on the current distilled set with plain
+cross-entropy, then run the confusion steps, then keep the lowest-loss `ratio` of all samples as the next
+distilled set. After the last round, the lowest `low_loss_fraction` of the losses are the suspected poisons and
+the rest, per class at most `per_class_cap` of the class, join the seeds as the trusted set.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxpurify import augment, finetune
+from jaxpurify.train.state import TrainState, apply_gradients
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """CT's per-class weights of the distilled set: 1 / sqrt(frequency + 0.001); labels [N] -> float32 [C]."""
+  freq = np.bincount(labels, minlength=num_classes) / max(len(labels), 1)
+  return (1.0 / np.sqrt(freq + 0.001)).astype(np.float32)
+
+
+def confused_labels(base_pred: jax.Array, step: jax.Array, num_classes: int) -> jax.Array:
+  """(prediction + 1 + step mod (C - 1)) mod C: never the base model's prediction, and cycling through every
+  other class as the steps go; base_pred int [B] -> int32 [B]."""
+  return ((base_pred + 1 + step % (num_classes - 1)) % num_classes).astype(jnp.int32)
+
+
+def make_confusion_step(graphdef, tx, trainable: str, augment_config, mean, std, lam: float, num_classes: int):
+  """-> step(state, batch, key) -> (state, metrics); pure, jit it with the state donated.
+
+  batch: 'image' uint8 [B, H, W, 3], 'label' int32 [B], 'weight' float32 [B] (the distilled set, class-weighted)
+  and 'seed_image' uint8 [S, H, W, 3], 'seed_pred' int32 [S] (the confusion set and the base model's
+  predictions). loss = ((lam - 1) * CE(seeds, confused labels) + weighted CE(distilled)) / lam.
+  trainable: 'head' (frozen encoder, inference BatchNorm) or 'all'.
+  """
+  train_backbone = trainable == "all"
+  mean, std = jnp.asarray(mean), jnp.asarray(std)
+
+  def step(state: TrainState, batch, key):
+    key = jax.random.fold_in(key, state.step)
+    aug_key, seed_aug_key, drop_key = jax.random.split(key, 3)
+    prepare = lambda k, images: augment.normalize(augment.to_float(
+        finetune.crop_flip(k, images, augment_config.padding, augment_config.flip_prob)), mean, std)
+    x = jnp.concatenate([prepare(aug_key, batch["image"]), prepare(seed_aug_key, batch["seed_image"])])
+    confused = confused_labels(batch["seed_pred"], state.step, num_classes)
+    n = batch["image"].shape[0]
+
+    def loss_fn(params):
+      if not train_backbone:
+        params = jax.tree.map(lambda p, keep: p if keep else jax.lax.stop_gradient(p), params,
+                              finetune.head_only(params))
+      model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
+      logits = model(x, train_backbone=train_backbone, dropout_key=drop_key)
+      distilled = optax.softmax_cross_entropy_with_integer_labels(logits[:n], batch["label"])
+      distilled = jnp.sum(batch["weight"] * distilled) / jnp.sum(batch["weight"])
+      confusion = optax.softmax_cross_entropy_with_integer_labels(logits[n:], confused).mean()
+      loss = ((lam - 1.0) * confusion + distilled) / lam
+      return loss, ((distilled, confusion), nnx.state(model, nnx.BatchStat))
+
+    (loss, ((distilled, confusion), batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state, health = apply_gradients(state, tx, grads, batch_stats)
+    return state, {"loss": loss, "distilled_ce": distilled, "confusion_ce": confusion, **health}
+
+  return step
+
+
+def sample_losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Per-sample cross-entropy of logits [N, C] on integer labels [N] -> float [N] (float64 on the host)."""
+  logits = logits.astype(np.float64)
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  return -log_probs[np.arange(len(labels)), labels]
+
+
+def distill(losses: np.ndarray, labels: np.ndarray, ratio: float, min_per_class: int) -> np.ndarray:
+  """CT's distillation: the lowest-loss round(ratio * N) samples, topped up per class with that class's
+  lowest-loss samples to at least `min_per_class`; -> sorted indices."""
+  keep = set(np.argsort(losses, kind="stable")[:max(1, round(ratio * len(losses)))].tolist())
+  for c in np.unique(labels):
+    members = np.where(labels == c)[0]
+    members = members[np.argsort(losses[members], kind="stable")]
+    keep.update(members[:min_per_class].tolist())
+  return np.array(sorted(keep), dtype=np.int64)
+
+
+def split_trusted(losses: np.ndarray, labels: np.ndarray, seeds: np.ndarray, low_loss_fraction: float,
+                  per_class_cap: float) -> tuple[np.ndarray, np.ndarray]:
+  """-> (trusted, suspected) sorted indices. Suspected: the lowest `low_loss_fraction` of all losses.
+  Trusted: the seeds, plus per class the highest-loss samples outside the suspected region, up to
+  `per_class_cap` of the class (seeds included)."""
+  suspected = np.sort(np.argsort(losses, kind="stable")[:round(low_loss_fraction * len(losses))])
+  outside = np.ones(len(losses), bool)
+  outside[suspected] = False
+  outside[seeds] = False
+  trusted = set(seeds.tolist())
+  for c in np.unique(labels):
+    members = np.where(labels == c)[0]
+    room = int(per_class_cap * len(members)) - int(np.isin(members, seeds).sum())
+    candidates = members[outside[members]]
+    candidates = candidates[np.argsort(-losses[candidates], kind="stable")]
+    trusted.update(candidates[:max(room, 0)].tolist())
+  return np.array(sorted(trusted), dtype=np.int64), suspected
