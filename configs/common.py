@@ -311,11 +311,12 @@ def tcore_experiment(threat: int, attack: str, encoder: str, downstream: str, pr
   c.tcore = ml_collections.ConfigDict(dict(
       skip=(),
       sift=dict(layers=depths, aggregate="sum", seeds_per_class=20, chunk_rows=1024),
-      expand=dict(trainable="all", ratios=(1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100), lambdas=(20.0, 20.0, 20.0, 30.0, 30.0),
-                  lrs=(1e-3, 1e-3, 1e-3, 1e-2, 1e-2), iters=(6000, 6000, 6000, 6000, 2000),
+      expand=dict(trainable="all", ratios=(1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100),
+                  lambdas=(20.0, 20.0, 20.0, 30.0, 30.0), lrs=(1e-3, 1e-3, 1e-3, 1e-2, 1e-2),
+                  iters=(6000, 6000, 6000, 6000, 2000),
                   pretrain_epochs=(10, 10, 10, 10, 10), pretrain_optim=optim("adam", 1e-4, 0.0),
                   momentum=0.7, weight_decay=1e-4, batch_size=32, seed_batch_size=32, min_per_class_fraction=1 / 50,
-                  low_loss_fraction=0.4, per_class_cap=0.5, log_every=100),
+                  low_loss_fraction=0.4, per_class_cap=0.5, min_seed_fraction=0.25, log_every=100),
       filter=dict(rule="sweep", u=3.0, u_grid=(2.0, 2.5, 3.0, 4.0, 5.0), acc_tol=0.01, std_ddof=1, bn_eps=0.0),
       boot=dict(schedule=(0.6, 0.8, 0.95), conf_threshold=0.9, steps_per_stage=1000)))
   if quick:

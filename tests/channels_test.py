@@ -100,7 +100,8 @@ def test_classifier_param_mask_keeps_pruned_channels_at_zero():
   out = nnx.to_pure_dict(jax.tree.map(lambda p, m: p * m, noisy, multipliers))
   bn = out["backbone"]["stages"][3][1]["bn2"]
   assert np.all(np.asarray(bn["scale"])[[1, 5]] == 0) and np.all(np.asarray(bn["bias"])[[0, 2, 3]] != 0)
-  np.testing.assert_array_equal(out["head"]["fc1"]["kernel"], np.asarray(nnx.to_pure_dict(noisy)["head"]["fc1"]["kernel"]))
+  want = np.asarray(nnx.to_pure_dict(noisy)["head"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(out["head"]["fc1"]["kernel"], want)
 
 
 def test_sweep_takes_the_most_pruning_within_tolerance():

@@ -54,10 +54,19 @@ def test_split_trusted_leaves_out_the_low_loss_region_and_caps_each_class():
   losses = np.array([0.1, 3.0, 2.0, 1.0, 0.2, 4.0, 5.0, 0.3])
   labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
   seeds = np.array([2])
-  trusted, suspected = confusion.split_trusted(losses, labels, seeds, 0.25, 0.5)
+  trusted, suspected = confusion.split_trusted(losses, labels, seeds, 0.25, 0.5, 0.0)
   np.testing.assert_array_equal(suspected, [0, 4])  # the two lowest of eight
   # class 0: room 2 (cap 0.5 * 4) - 1 seed = 1 -> highest loss outside: 1; class 1: 6 and 5
   np.testing.assert_array_equal(trusted, [1, 2, 5, 6])
+  # a seed inside the suspected region loses its trust (and its place in the cap): class 0 gets 1 and 2
+  trusted, _ = confusion.split_trusted(losses, labels, np.array([0]), 0.25, 0.5, 0.0)
+  np.testing.assert_array_equal(trusted, [1, 2, 5, 6])
+  # ... unless it is within its class's floor of seeds (the highest-loss ones): seeds 0 and 3 of class 0, floor 1
+  # keeps 3 (outside anyway) and drops 0; floor 1.0 keeps both, leaving no room in class 0's cap of 2
+  trusted, _ = confusion.split_trusted(losses, labels, np.array([0, 3]), 0.25, 0.5, 0.5)
+  np.testing.assert_array_equal(trusted, [1, 3, 5, 6])
+  trusted, _ = confusion.split_trusted(losses, labels, np.array([0, 3]), 0.25, 0.5, 1.0)
+  np.testing.assert_array_equal(trusted, [0, 3, 5, 6])
 
 
 def test_admit_takes_confident_agreeing_samples_up_to_the_fraction():

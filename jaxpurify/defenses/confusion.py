@@ -7,8 +7,9 @@ has no clean reserve: the sifted seeds play the confusion set.
 
 One round: fine-tune a fresh classifier (suspect encoder + new head) on the current distilled set with plain
 cross-entropy, then run the confusion steps, then keep the lowest-loss `ratio` of all samples as the next
-distilled set. After the last round, the lowest `low_loss_fraction` of the losses are the suspected poisons and
-the rest, per class at most `per_class_cap` of the class, join the seeds as the trusted set.
+distilled set. After the last round, the lowest `low_loss_fraction` of the losses are the suspected poisons (a
+seed among them loses its trust, down to a floor per class) and the rest, per class at most `per_class_cap` of the class, join the seeds as
+the trusted set.
 """
 
 import jax
@@ -92,18 +93,26 @@ def distill(losses: np.ndarray, labels: np.ndarray, ratio: float, min_per_class:
 
 
 def split_trusted(losses: np.ndarray, labels: np.ndarray, seeds: np.ndarray, low_loss_fraction: float,
-                  per_class_cap: float) -> tuple[np.ndarray, np.ndarray]:
+                  per_class_cap: float, min_seed_fraction: float) -> tuple[np.ndarray, np.ndarray]:
   """-> (trusted, suspected) sorted indices. Suspected: the lowest `low_loss_fraction` of all losses.
-  Trusted: the seeds, plus per class the highest-loss samples outside the suspected region, up to
-  `per_class_cap` of the class (seeds included)."""
+  Trusted: the seeds outside the suspected set (per class at least `min_seed_fraction` of the class's seeds,
+  the highest-loss ones, so that no class loses every seed), plus per class the highest-loss samples outside
+  the suspected set, up to `per_class_cap` of the class (seeds included)."""
   suspected = np.sort(np.argsort(losses, kind="stable")[:round(low_loss_fraction * len(losses))])
   outside = np.ones(len(losses), bool)
   outside[suspected] = False
+  kept = []
+  for c in np.unique(labels[seeds]):
+    members = seeds[labels[seeds] == c]
+    members = members[np.argsort(-losses[members], kind="stable")]
+    floor = int(np.ceil(min_seed_fraction * len(members)))
+    kept.append(members[outside[members] | (np.arange(len(members)) < floor)])
+  kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
   outside[seeds] = False
-  trusted = set(seeds.tolist())
+  trusted = set(kept.tolist())
   for c in np.unique(labels):
     members = np.where(labels == c)[0]
-    room = int(per_class_cap * len(members)) - int(np.isin(members, seeds).sum())
+    room = int(per_class_cap * len(members)) - int(np.isin(members, kept).sum())
     candidates = members[outside[members]]
     candidates = candidates[np.argsort(-losses[candidates], kind="stable")]
     trusted.update(candidates[:max(room, 0)].tolist())

@@ -8,7 +8,8 @@
 The published description names these four components; their details are jaxpurify's reconstruction
 (tcore.md section 5, README "T-Core"). A component named in config.tcore.skip is replaced by its naive
 stand-in: random seeds per class, the seeds as the whole trusted set (nothing suspected), no channel filter,
-one fine-tune on the trusted set. The evaluator, who knows the poison, scores every step against the true poison positions.
+one fine-tune on the trusted set. The evaluator, who knows the poison, scores every step against the true
+poison positions.
 """
 
 import json
@@ -127,7 +128,7 @@ def expand(run, config, encoder: Encoder, images, labels, seeds: np.ndarray, num
     losses = confusion_round(run, config, r, encoder, images, labels, distilled, seeds, num_classes, mesh)
     counts = np.bincount(labels, minlength=num_classes)
     distilled = confusion.distill(losses, labels, ratio, max(1, int(counts.min() * e.min_per_class_fraction)))
-  return confusion.split_trusted(losses, labels, seeds, e.low_loss_fraction, e.per_class_cap)
+  return confusion.split_trusted(losses, labels, seeds, e.low_loss_fraction, e.per_class_cap, e.min_seed_fraction)
 
 
 def filter_stage(run, config, encoder: Encoder, images, labels, trusted: np.ndarray, mesh):
@@ -153,15 +154,15 @@ def filter_stage(run, config, encoder: Encoder, images, labels, trusted: np.ndar
 
 def bootstrap(run, config, protocol: str, encoder: Encoder, masks, images, labels, seeds: np.ndarray,
               trusted: np.ndarray, suspected: np.ndarray, setting: threats.Setting, mesh):
-  """Progressive bootstrapping with `protocol`: train on the seeds, then per stage admit, per class, samples the
-  current model predicts as their label with confidence >= conf_threshold (most confident first) up to the
-  schedule's fraction of the class, and train on. The pool widens: stage 1 admits from the expanded trusted set,
-  middle stages from every sample outside the suspected set, the last stage from every sample. Skipped
-  ('boot'): one training on the trusted set.
+  """Progressive bootstrapping with `protocol`: train on the seeds the expansion kept trusted, then per stage
+  admit, per class, samples the current model predicts as their label with confidence >= conf_threshold (most
+  confident first) up to the schedule's fraction of the class, and train on. The pool widens: stage 1 admits
+  from the expanded trusted set, middle stages from every sample outside the suspected set, the last stage
+  from every sample. Skipped ('boot'): one training on the trusted set.
   -> (evaluation of the final model, per stage the core's size and poison count)."""
   b, num_classes = config.tcore.boot, setting.test.num_classes
   schedule = () if _skipped(config, "boot") else tuple(b.schedule)
-  core = trusted if _skipped(config, "boot") else seeds
+  core = trusted if _skipped(config, "boot") else np.intersect1d(seeds, trusted)
   outside = np.setdiff1d(np.arange(len(labels)), suspected)
   block = config.finetune[protocol].copy_and_resolve_references()
   history, state = [], None
@@ -266,7 +267,7 @@ def check(config, labels: np.ndarray, num_classes: int) -> None:
                       f"(len(config.tcore.expand.ratios)); give one per round")
   if any(lam <= 1 for lam in e.lambdas):
     raise UserError("config.tcore.expand.lambdas must be > 1: the confusion term is weighted (lambda - 1)")
-  for field in ("low_loss_fraction", "per_class_cap"):
+  for field in ("low_loss_fraction", "per_class_cap", "min_seed_fraction"):
     if not 0 <= e[field] <= 1:
       raise UserError(f"config.tcore.expand.{field} is {e[field]}; it is a fraction in [0, 1]")
   b = t.boot
