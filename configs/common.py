@@ -297,7 +297,7 @@ def tcore_experiment(threat: int, attack: str, encoder: str, downstream: str, pr
   seeds, FT-all; the per-round fine-tuning is 10 epochs (CT trains from scratch for 40-100; this starts from a
   pre-trained encoder). filter: CLP's UCLC (no BN eps), the most pruning of u in {2, 2.5, 3, 4, 5} that keeps
   the trusted set's 1-NN accuracy within 1 point. boot: from the seeds, 3 growth stages to 60 / 80 / 95% of each
-  class, admitting samples predicted as their label with confidence >= 0.9, 1000 steps per stage with
+  class, admitting samples predicted as their label with confidence >= 0.8, 1000 steps per stage with
   config.finetune's optimiser and batch. quick: two rounds (1/2, 1/5) of 150 confusion steps after 5 epochs
   each (Adam 1e-3), 200 steps per bootstrapping stage.
   """
@@ -316,9 +316,9 @@ def tcore_experiment(threat: int, attack: str, encoder: str, downstream: str, pr
                   iters=(6000, 6000, 6000, 6000, 2000),
                   pretrain_epochs=(10, 10, 10, 10, 10), pretrain_optim=optim("adam", 1e-4, 0.0),
                   momentum=0.7, weight_decay=1e-4, batch_size=32, seed_batch_size=32, min_per_class_fraction=1 / 50,
-                  low_loss_fraction=0.4, per_class_cap=0.5, min_seed_fraction=0.25, log_every=100),
+                  low_loss_fraction=0.4, per_class_cap=0.5, min_seed_fraction=0.5, log_every=100),
       filter=dict(rule="sweep", u=3.0, u_grid=(2.0, 2.5, 3.0, 4.0, 5.0), acc_tol=0.01, std_ddof=1, bn_eps=0.0),
-      boot=dict(schedule=(0.6, 0.8, 0.95), conf_threshold=0.9, steps_per_stage=1000)))
+      boot=dict(schedule=(0.6, 0.8, 0.95), conf_threshold=0.8, steps_per_stage=1000)))
   if quick:
     c.tcore.sift.chunk_rows = 256
     c.tcore.expand.update(ratios=(1 / 2, 1 / 5), lambdas=(20.0, 20.0), lrs=(1e-3, 1e-3), iters=(150, 150),

@@ -8,8 +8,8 @@ has no clean reserve: the sifted seeds play the confusion set.
 One round: fine-tune a fresh classifier (suspect encoder + new head) on the current distilled set with plain
 cross-entropy, then run the confusion steps, then keep the lowest-loss `ratio` of all samples as the next
 distilled set. After the last round, the lowest `low_loss_fraction` of the losses are the suspected poisons (a
-seed among them loses its trust, down to a floor per class) and the rest, per class at most `per_class_cap` of the class, join the seeds as
-the trusted set.
+seed among them loses its trust, down to a floor per class) and the rest, per class at most `per_class_cap` of
+the class, join the seeds as the trusted set.
 """
 
 import jax
