@@ -177,8 +177,8 @@ def test_tcore_under_threat_2_writes_rows_poisoned_set_diagnostics_and_resumes(c
   expansion = diagnostics["expansion"]
   assert expansion["suspected"] == round(0.4 * 1437) and {"precision", "recall", "trusted"} <= set(expansion)
   assert sum(diagnostics["filter"]["pruned"].values()) == diagnostics["filter"]["pruned_total"]
-  core = diagnostics["bootstrap/ft_all"]
-  assert [c["count"] for c in core][0] == 200 and len(core) == 2 and core[1]["count"] >= 200
+  core = diagnostics["bootstrap/ft_all"]  # from the seeds the expansion kept trusted, then one growth stage
+  assert len(core) == 2 and 100 <= core[0]["count"] <= 200 and core[1]["count"] >= core[0]["count"]
   before = os.path.getmtime(os.path.join(workdir, "poison", "poisoned_train.npz"))
   again = _main(*args)  # a finished run resumes to the same table without recomputing
   assert again.returncode == 0, again.stderr[-3000:]
