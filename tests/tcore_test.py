@@ -16,7 +16,7 @@ from jaxpurify import augment, finetune, parallel
 from jaxpurify.defenses import confusion, tcore
 from jaxpurify.encoders import build_backbone
 from jaxpurify.errors import UserError
-from jaxpurify.train.state import create_state, make_optimizer
+from jaxpurify.train.state import create_state
 
 MODEL = ml_collections.ConfigDict(dict(name="resnet18", width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
 HEAD = ml_collections.ConfigDict(dict(hidden=(16, 8), dropout=0.0))

@@ -165,7 +165,7 @@ def bootstrap(run, config, protocol: str, encoder: Encoder, masks, images, label
   core = trusted if _skipped(config, "boot") else np.intersect1d(seeds, trusted)
   outside = np.setdiff1d(np.arange(len(labels)), suspected)
   block = config.finetune[protocol].copy_and_resolve_references()
-  history, state = [], None
+  history, graphdef, state = [], None, None
   for k in range(len(schedule) + 1):
     if k:
       pool = trusted if k == 1 else outside if k < len(schedule) else np.arange(len(labels))
