@@ -16,13 +16,11 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
 from jaxpurify import cli, encoders, parallel, stages
-from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
-from jaxpurify.train.state import create_state, make_optimizer
+from jaxpurify.train.state import create_state
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "simclr.py")
 USAGE = ("usage: python -m jaxpurify.bench [--config configs/simclr.py[:ARGS]] [--config.a.b=V ...] "
@@ -151,23 +149,19 @@ def confusion_bench(config, mesh):
   """T-Core's confusion-training step (round 1's lambda and lr, FT-all or head per config.tcore.expand) on an
   untrained encoder -> (state, step, batch_fn, global batch, what)."""
   from jaxpurify import finetune  # pylint: disable=g-import-not-at-top
-  from jaxpurify.defenses import confusion  # pylint: disable=g-import-not-at-top
+  from jaxpurify.defenses import tcore  # pylint: disable=g-import-not-at-top
   e = config.tcore.expand
   images = _synthetic_images(NUM_BATCHES * e.batch_size, config.data.image_size)
   seeds = _synthetic_images(NUM_BATCHES * e.seed_batch_size, config.data.image_size)
   encoder = parallel.put_replicated(encoders.build_backbone(config.model, config.seed), mesh)
-  tx = make_optimizer(ml_collections.ConfigDict(dict(name="sgd", lr=e.lrs[0], momentum=e.momentum,
-                                                     weight_decay=e.weight_decay)),
-                      trainable=finetune.head_only if e.trainable == "head" else None)
+  tx = tcore.confusion_optimizer(config, 0)
   graphdef, state = create_state(lambda: finetune.build_classifier(encoder, 10, config.finetune.head, config.seed),
                                  tx, mesh)
-  step = jax.jit(confusion.make_confusion_step(graphdef, tx, e.trainable, config.finetune.augment, config.model.mean,
-                                               config.model.std, e.lambdas[0], 10), donate_argnums=0)
-  suspects = DeviceDataset({"image": images, "label": (np.arange(len(images)) % 10).astype(np.int32),
-                            "weight": np.ones(len(images), np.float32)}, mesh, e.batch_size, config.seed)
-  confusers = DeviceDataset({"seed_image": seeds, "seed_pred": (np.arange(len(seeds)) % 10).astype(np.int32)}, mesh,
-                            e.seed_batch_size, config.seed)
-  return (state, step, lambda i: suspects.batch(i) | confusers.batch(i), e.batch_size + e.seed_batch_size,
+  step, batch_fn = tcore.confusion_training(
+      config, 0, graphdef, tx, {"image": images, "label": (np.arange(len(images)) % 10).astype(np.int32),
+                                "weight": np.ones(len(images), np.float32)},
+      {"seed_image": seeds, "seed_pred": (np.arange(len(seeds)) % 10).astype(np.int32)}, 10, mesh, config.seed)
+  return (state, step, batch_fn, e.batch_size + e.seed_batch_size,
           f"{e.batch_size} suspect + {e.seed_batch_size} seed images, 1 augmented view each")
 
 

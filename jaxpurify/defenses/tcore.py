@@ -84,6 +84,27 @@ def _block(optim, batch_size: int, epochs: int, log_every: int) -> ml_collection
       batch_size=batch_size, epochs=epochs, log_every=log_every, checkpoint_every=10**9, keep_checkpoints=1)))
 
 
+def confusion_optimizer(config, r: int):
+  """Round r's confusion optimiser: SGD (lr, momentum, weight decay of config.tcore.expand), the head only when
+  expand.trainable is 'head'."""
+  e = config.tcore.expand
+  return make_optimizer(ml_collections.ConfigDict(dict(name="sgd", lr=e.lrs[r], momentum=e.momentum,
+                                                       weight_decay=e.weight_decay)),
+                        trainable=finetune.head_only if e.trainable == "head" else None)
+
+
+def confusion_training(config, r: int, graphdef, tx, suspects: dict, confusers: dict, num_classes: int, mesh,
+                       seed: int):
+  """-> (jitted donating confusion step of round r, batch_fn(step)) over suspects {'image', 'label', 'weight'}
+  and confusers {'seed_image', 'seed_pred'} (host arrays), batched as config.tcore.expand says."""
+  e = config.tcore.expand
+  step = jax.jit(confusion.make_confusion_step(graphdef, tx, e.trainable, config.finetune.augment, config.model.mean,
+                                               config.model.std, e.lambdas[r], num_classes), donate_argnums=0)
+  suspect_set = DeviceDataset(suspects, mesh, e.batch_size, seed)
+  confuser_set = DeviceDataset(confusers, mesh, min(e.seed_batch_size, len(confusers["seed_image"])), seed + 1000)
+  return step, lambda i: suspect_set.batch(i) | confuser_set.batch(i)
+
+
 def confusion_round(run, config, r: int, encoder: Encoder, images, labels, distilled: np.ndarray,
                     seeds: np.ndarray, num_classes: int, mesh) -> np.ndarray:
   """Round r of confusion training: fine-tune on the distilled set, confuse with the seeds; -> the per-sample
@@ -99,20 +120,15 @@ def confusion_round(run, config, r: int, encoder: Encoder, images, labels, disti
   state = stages.train(run, f"expand{r}_pretrain", state, step, dataset.batch, block.train, num_steps, mesh,
                        config.seed + r)
   base_pred = np.argmax(_logits(config, graphdef, state, images[seeds], mesh), -1).astype(np.int32)
-  tx = make_optimizer(ml_collections.ConfigDict(dict(name="sgd", lr=e.lrs[r], momentum=e.momentum,
-                                                     weight_decay=e.weight_decay)),
-                      trainable=finetune.head_only if protocol == "ft_head" else None)
+  tx = confusion_optimizer(config, r)
   state = _restart(state, tx, mesh)
-  step = jax.jit(confusion.make_confusion_step(graphdef, tx, e.trainable, config.finetune.augment, config.model.mean,
-                                               config.model.std, e.lambdas[r], num_classes), donate_argnums=0)
   weights = confusion.class_weights(labels[distilled], num_classes)[labels[distilled]]
-  suspects = DeviceDataset({"image": images[distilled], "label": labels[distilled].astype(np.int32),
-                            "weight": weights}, mesh, e.batch_size, config.seed + r)
-  confusers = DeviceDataset({"seed_image": images[seeds], "seed_pred": base_pred}, mesh,
-                            min(e.seed_batch_size, len(seeds)), config.seed + 1000 + r)
+  step, batch_fn = confusion_training(
+      config, r, graphdef, tx, {"image": images[distilled], "label": labels[distilled].astype(np.int32),
+                                "weight": weights},
+      {"seed_image": images[seeds], "seed_pred": base_pred}, num_classes, mesh, config.seed + r)
   train_block = _block(None, e.batch_size, 0, e.log_every).train
-  state = stages.train(run, stage, state, step, lambda i: suspects.batch(i) | confusers.batch(i), train_block,
-                       e.iters[r], mesh, config.seed + r)
+  state = stages.train(run, stage, state, step, batch_fn, train_block, e.iters[r], mesh, config.seed + r)
   losses = confusion.sample_losses(_logits(config, graphdef, state, images, mesh), labels)
   if jax.process_index() == 0:
     np.save(path, losses)
