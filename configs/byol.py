@@ -6,9 +6,10 @@ Quick (the embedded `digits` set, a narrow ResNet-18, Adam 1e-3, full-size heads
   python main.py --config configs/byol.py:quick
 """
 
-from configs import common
+import functools
+
+from configs import common, simclr
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, quick=False)
-  return common.pretraining_experiment("byol", arg.quick)
+  return common.build(arg, functools.partial(simclr.experiment, "byol"))

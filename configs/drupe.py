@@ -7,9 +7,10 @@ Quick:
   python main.py --config configs/drupe.py:quick
 """
 
-from configs import common
+import functools
+
+from configs import badencoder, common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, downstream="stl10", method="simclr", quick=False)
-  return common.encoder_attack_experiment("drupe", arg.downstream, arg.method, arg.quick)
+  return common.build(arg, functools.partial(badencoder.experiment, "drupe"), downstream="stl10", method="simclr")

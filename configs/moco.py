@@ -7,9 +7,10 @@ Quick (the embedded `digits` set, a narrow ResNet-18, Adam 1e-3, momentum 0.9, q
   python main.py --config configs/moco.py:quick
 """
 
-from configs import common
+import functools
+
+from configs import common, simclr
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, quick=False)
-  return common.pretraining_experiment("moco", arg.quick)
+  return common.build(arg, functools.partial(simclr.experiment, "moco"))

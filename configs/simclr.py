@@ -6,9 +6,25 @@ Quick (the embedded `digits` set, a narrow ResNet-18, minutes on a 2-core CPU):
   python main.py --config configs/simclr.py:quick
 """
 
+import functools
+
+import ml_collections
+
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, quick=False)
-  return common.pretraining_experiment("simclr", arg.quick)
+  return common.build(arg, functools.partial(experiment, "simclr"))
+
+
+def experiment(method: str, quick: bool) -> ml_collections.ConfigDict:
+  """Pre-train with `method` on CIFAR-10 (quick: digits), then evaluate the frozen encoder downstream."""
+  c = ml_collections.ConfigDict()
+  c.experiment = "pretrain"
+  c.seed = 100
+  c.mesh = common.mesh()
+  c.data = common.data("cifar10", quick)
+  c.model = common.model(quick)
+  c.pretrain = common.pretraining(method, quick)
+  c.evaluate = common.evaluate(("cifar10", "stl10", "gtsrb", "svhn_cropped"), quick)
+  return c

@@ -12,9 +12,66 @@ adaptive_blend | sig | label_consistent | issba | input_aware; threat 3 adds the
 (default badencoder), trained with the data attack's trigger and target.
 """
 
-from configs import common
+import ml_collections
+
+from configs import badencoder, common
+from jaxpurify.data import catalog
+from jaxpurify.poisoning import defaults
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, threat=2, attack="badnets", encoder="badencoder", downstream="stl10", quick=False)
-  return common.threat_experiment(arg.threat, arg.attack, arg.encoder, arg.downstream, arg.quick)
+  return common.build(arg, experiment, threat=2, attack="badnets", encoder="badencoder", downstream="stl10")
+
+
+ENCODER_ATTACKS = ("badencoder", "drupe")
+
+
+def experiment(threat: int, attack: str, encoder: str, downstream: str,
+               quick: bool) -> ml_collections.ConfigDict:
+  """One threat of transfer learning (tcore.md section 3) on `downstream`: the clean SimCLR encoder (pre-trained
+  here or config.clean_encoder), `attack` (threat 1: an encoder attack; 2 and 3: a dataset attack, with the
+  encoder attack `encoder` in threat 3), then FT-head and FT-all of the clean and the threatened pair.
+
+  Target: BadEncoder's class of the downstream set (TARGETS) for every attack, so threat 3's two attackers agree.
+  Fine-tuning (T-Core's are unknown; team choices): head = BadEncoder's 3-layer MLP; random crop (padding 4) and
+  flip; FT-head Adam 1e-3, FT-all Adam 1e-4 with cosine decay, both 50 epochs at batch 128. quick (digits): 20 /
+  15 epochs at batch 64, FT-all at 1e-3, no flip (digits are not mirror-symmetric).
+  """
+  if threat not in (1, 2, 3):
+    raise ValueError(f"unknown threat {threat}; use 1 (poisoned encoder), 2 (poisoned data) or 3 (both)")
+  encoder_attack = attack if threat == 1 else encoder
+  if threat == 1 and attack not in ENCODER_ATTACKS:
+    raise ValueError(f"threat 1 poisons the encoder: attack must be one of {', '.join(ENCODER_ATTACKS)}, got "
+                     f"{attack!r}")
+  if threat in (2, 3) and attack not in defaults.ATTACKS:
+    raise ValueError(f"threat {threat} poisons the downstream data: attack must be one of "
+                     f"{', '.join(defaults.ATTACKS)}, got {attack!r}")
+  if threat == 3 and encoder not in ENCODER_ATTACKS:
+    raise ValueError(f"unknown encoder attack {encoder!r}; use one of {', '.join(ENCODER_ATTACKS)}")
+  c = badencoder.experiment(encoder_attack, downstream, "simclr", quick)
+  c.experiment = "threat"
+  c.threat = threat
+  c.clean_encoder = ""
+  del c.attack["clean_encoder"]
+  dataset = c.attack.downstream
+  if threat == 2:
+    del c["attack"]
+  if threat in (2, 3):
+    c.poison = defaults.default_config(attack, quick)
+    c.poison.target = badencoder.TARGETS[dataset]
+    classes = catalog.num_classes(dataset)
+    c.poison.label_consistent.num_classes = c.poison.input_aware.num_classes = classes  # surrogate classifiers
+  if threat == 3:
+    del c.attack["trigger"]  # the data attack's test trigger
+  c.finetune = ml_collections.ConfigDict(dict(
+      dataset=dataset, protocols=("ft_head", "ft_all"), head=dict(hidden=(512, 256), dropout=0.5),
+      augment=dict(padding=4, flip_prob=0.5),
+      ft_head=dict(optim=common.optim("adam", 1e-3, 0.0), train=common.train(128, 50, checkpoint_every=1000)),
+      ft_all=dict(optim=common.optim("adam", 1e-4, 0.0, schedule="cosine"),
+                  train=common.train(128, 50, checkpoint_every=1000))))
+  if quick:
+    c.finetune.augment.flip_prob = 0.0
+    c.finetune.ft_all.optim.lr = 1e-3  # 330 steps: SGD 0.01 and Adam 1e-4 left FT-all undertrained (docs/dataset-attacks.md)
+    c.finetune.ft_head.train.update(batch_size=64, epochs=20, log_every=20, checkpoint_every=200)
+    c.finetune.ft_all.train.update(batch_size=64, epochs=15, log_every=20, checkpoint_every=200)
+  return c

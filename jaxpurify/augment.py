@@ -13,8 +13,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+from jaxpurify.data.catalog import CIFAR10_MEAN, CIFAR10_STD
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # torchvision's ColorJitter op indices
@@ -239,3 +238,21 @@ def simclr_augment(key: jax.Array, images: jax.Array, *, crop: bool = True,
                               flip_prob=flip_prob, jitter=tuple(jitter), jitter_prob=jitter_prob,
                               gray_prob=gray_prob)
   return jax.vmap(augment)(batch_keys(key, images), to_float(images))
+
+
+def crop_flip(key: jax.Array, images: jax.Array, padding: int, flip_prob: float) -> jax.Array:
+  """RandomCrop(H, padding, zero fill) then RandomHorizontalFlip(flip_prob): uint8 [B, H, W, C] -> same.
+
+  Sample b draws its offsets and flip from `jax.random.split(key, B)[b]`.
+  """
+  b, h, w, c = images.shape
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+  def one(k, img):
+    k_top, k_left, k_flip = jax.random.split(k, 3)
+    top = jax.random.randint(k_top, (), 0, 2 * padding + 1)
+    left = jax.random.randint(k_left, (), 0, 2 * padding + 1)
+    img = jax.lax.dynamic_slice(img, (top, left, 0), (h, w, c))
+    return jnp.where(jax.random.uniform(k_flip) < flip_prob, hflip(img), img)
+
+  return jax.vmap(one)(batch_keys(key, padded), padded)

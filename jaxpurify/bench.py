@@ -1,7 +1,7 @@
-"""Throughput of a config's training step, built as training builds it, on synthetic images: the SSL
-pre-training step (simclr, moco, byol, ctrl configs), the encoder-poisoning step (badencoder, drupe), the
-distillation defense's step (distill) or the downstream fine-tuning step (threat: the last of
-config.finetune.protocols, FT-all unless set).
+"""Throughput of a config's training step, built as training builds it, on synthetic images: the step its
+experiment module names (`bench_step`): SSL pre-training (simclr, moco, byol, ctrl), encoder poisoning (badencoder,
+drupe), distillation (distill), downstream fine-tuning (threat: the last of config.finetune.protocols) or T-Core's
+confusion training (tcore).
 
   python -m jaxpurify.bench [--config configs/simclr.py[:ARGS]] [--config.a.b=V ...] [--steps N]
                             [--warmup N] [--json PATH]
@@ -16,17 +16,13 @@ import sys
 import time
 
 import jax
-import numpy as np
 
-from jaxpurify import cli, encoders, parallel, stages
+from jaxpurify import cli, experiments, parallel
 from jaxpurify.errors import UserError
-from jaxpurify.train.state import create_state
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "simclr.py")
 USAGE = ("usage: python -m jaxpurify.bench [--config configs/simclr.py[:ARGS]] [--config.a.b=V ...] "
          "[--steps N] [--warmup N] [--json PATH]")
-OPTIONS = {"--steps": ("steps", 1), "--warmup": ("warmup", 0), "--json": ("json", None)}
-NUM_BATCHES = 4  # synthetic images: this many global batches, cycled through as epochs
 
 # Peak dense (no sparsity) TFLOP/s per device, vendor data sheets: 'fp32' on CUDA cores, 'tf32' and
 # 'bf16' on tensor cores / the TPU MXU. Keys are `device.device_kind`; every A100 variant has one row.
@@ -59,31 +55,20 @@ def matmul_peak(device_kind: str, precision: str | None) -> tuple[float, str] | 
   return peaks["tf32"], f"{device_kind}, tf32 tensor cores, dense (f32 matmuls at JAX's default precision)"
 
 
-def parse_argv(argv: list[str]) -> tuple[dict, dict]:
-  """-> (cli.parse_argv's dict, {'steps', 'warmup', 'json'}); --config defaults to the full SimCLR config."""
-  opts, config_args = {"steps": 20, "warmup": 3, "json": None}, []
-  args = list(argv)
-  while args:
-    item = args.pop(0)
-    name, eq, value = item.partition("=")
-    if not (name in OPTIONS or name == "--config" or name.startswith("--config.")):
-      raise UserError(f"unknown argument {item!r}; {USAGE}")
-    if not eq:
-      if not args:
-        raise UserError(f"{name} needs a value; {USAGE}")
-      value = args.pop(0)
-    if name not in OPTIONS:
-      config_args.append(f"{name}={value}")
-      continue
-    key, least = OPTIONS[name]
-    if least is not None:
-      if not value.isdigit() or int(value) < least:
-        raise UserError(f"{name}={value}: expected an integer >= {least}")
-      value = int(value)
-    opts[key] = value
-  if not any(a.startswith("--config=") for a in config_args):
-    config_args.insert(0, f"--config={DEFAULT_CONFIG}")
-  return cli.parse_argv(config_args), opts
+def _count(least: int):
+  def parse(text: str) -> int:
+    if not text.isdigit() or int(text) < least:
+      raise UserError(f"expected an integer >= {least}, got {text!r}; {USAGE}")
+    return int(text)
+  return parse
+
+
+def parse_argv(argv: list[str]) -> cli.Args:
+  """cli.parse_argv with --steps, --warmup and --json; --config defaults to the full SimCLR config."""
+  if not any(a == "--config" or a.startswith("--config=") for a in argv):
+    argv = [f"--config={DEFAULT_CONFIG}", *argv]
+  return cli.parse_argv(argv, USAGE, {"steps": (20, _count(1)), "warmup": (3, _count(0)), "json": (None, str)},
+                        workdir=False)
 
 
 def peak_memory() -> tuple[int, int] | None:
@@ -94,90 +79,12 @@ def peak_memory() -> tuple[int, int] | None:
   return max(s["peak_bytes_in_use"] for s in stats), min(s.get("bytes_limit", 0) for s in stats)
 
 
-def _synthetic_images(count: int, size: int) -> np.ndarray:
-  return np.random.default_rng(0).integers(0, 256, (count, size, size, 3), np.uint8)
-
-
-def ssl_bench(config, mesh):
-  """The pre-training step of config.pretrain -> (state, step, batch_fn, global batch, what a batch holds)."""
-  batch_size = config.pretrain.train.batch_size
-  images = _synthetic_images(NUM_BATCHES * batch_size, config.data.image_size)
-  _, state, step, dataset, _ = stages.ssl_training(config, images, mesh)
-  return state, step, dataset.batch, batch_size, "2 augmented views each"
-
-
-def attack_bench(config, mesh):
-  """The BadEncoder/DRUPE step on an untrained clean encoder -> (state, step, batch_fn, global batch, what)."""
-  attack, size = config.attack, config.data.image_size
-  clean = parallel.put_replicated(encoders.build_backbone(config.model, config.seed), mesh)
-  shadow = _synthetic_images(NUM_BATCHES * attack.train.batch_size, size)
-  refs = _synthetic_images(attack.num_references, size)
-  state, step, _ = stages.attack_training(config, clean, len(shadow), mesh)
-  batch_fn = stages.attack_batches(config, clean, shadow, refs, mesh)
-  what = f"shadow, triggered and {attack.num_references} x augmented-reference images each"
-  return state, step, batch_fn, attack.train.batch_size, what
-
-
-def distill_bench(config, mesh):
-  """The distillation step: a random student and teacher of the configured architectures -> (state, step,
-  batch_fn, global batch, what)."""
-  from jaxpurify.defenses import stages as defense_stages  # pylint: disable=g-import-not-at-top
-  ssl = config.defense.ssl
-  images = _synthetic_images(NUM_BATCHES * ssl.train.batch_size, config.data.image_size)
-  teacher = parallel.put_replicated(encoders.build_backbone(defense_stages.teacher_model(config), config.seed), mesh)
-  student_config = defense_stages.ssl_config(config, ssl.train.epochs, model=defense_stages.student_model(config))
-  graphdef, student, *_ = stages.ssl_training(student_config, images, mesh)
-  state, step, _, batch_fn, _ = defense_stages.distill_training(
-      config, teacher, (graphdef, student.params, student.batch_stats), images, mesh)
-  return state, step, batch_fn, ssl.train.batch_size, "2 student views (trained) and 1 teacher view (inference) each"
-
-
-def finetune_bench(config, mesh):
-  """The downstream fine-tuning step of config.finetune.protocols[-1] (FT-all by default) on an untrained encoder
-  -> (state, step, batch_fn, global batch, what)."""
-  from jaxpurify import threats  # pylint: disable=g-import-not-at-top
-  protocol = config.finetune.protocols[-1]
-  batch_size = config.finetune[protocol].train.batch_size
-  images = _synthetic_images(NUM_BATCHES * batch_size, config.data.image_size)
-  labels = np.arange(len(images)) % 10
-  encoder = parallel.put_replicated(encoders.build_backbone(config.model, config.seed), mesh)
-  _, state, step, dataset, _ = threats.finetune_training(config, protocol, encoder, images, labels, 10, mesh)
-  return state, step, dataset.batch, batch_size, f"{protocol}: 1 augmented labelled view each"
-
-
-def confusion_bench(config, mesh):
-  """T-Core's confusion-training step (round 1's lambda and lr, FT-all or head per config.tcore.expand) on an
-  untrained encoder -> (state, step, batch_fn, global batch, what)."""
-  from jaxpurify import finetune  # pylint: disable=g-import-not-at-top
-  from jaxpurify.defenses import tcore  # pylint: disable=g-import-not-at-top
-  e = config.tcore.expand
-  images = _synthetic_images(NUM_BATCHES * e.batch_size, config.data.image_size)
-  seeds = _synthetic_images(NUM_BATCHES * e.seed_batch_size, config.data.image_size)
-  encoder = parallel.put_replicated(encoders.build_backbone(config.model, config.seed), mesh)
-  tx = tcore.confusion_optimizer(config, 0)
-  graphdef, state = create_state(lambda: finetune.build_classifier(encoder, 10, config.finetune.head, config.seed),
-                                 tx, mesh)
-  step, batch_fn = tcore.confusion_training(
-      config, 0, graphdef, tx, {"image": images, "label": (np.arange(len(images)) % 10).astype(np.int32),
-                                "weight": np.ones(len(images), np.float32)},
-      {"seed_image": seeds, "seed_pred": (np.arange(len(seeds)) % 10).astype(np.int32)}, 10, mesh, config.seed)
-  return (state, step, batch_fn, e.batch_size + e.seed_batch_size,
-          f"{e.batch_size} suspect + {e.seed_batch_size} seed images, 1 augmented view each")
-
-
-BENCHES = {"pretrain": ssl_bench, "ctrl": ssl_bench, "badencoder": attack_bench, "drupe": attack_bench,
-           "distill": distill_bench, "threat": finetune_bench, "tcore": confusion_bench}
-
-
 def measure(config, steps: int, warmup: int) -> dict:
   """Builds, compiles and times config's training step; returns the numbers `report` prints."""
-  if config.experiment not in BENCHES:
-    raise UserError(f"config.experiment={config.experiment!r} has no step to time; benchmarked: "
-                    f"{', '.join(BENCHES)}")
   size = config.data.image_size
   mesh = parallel.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
-    state, step, batch_fn, batch_size, per_image = BENCHES[config.experiment](config, mesh)
+    state, step, batch_fn, batch_size, per_image = experiments.module(config.experiment).bench_step(config, mesh)
     key = jax.device_put(jax.random.key(config.seed), parallel.replicated(mesh))
 
     tick = time.perf_counter()
@@ -262,18 +169,17 @@ def report(r: dict, config_name: str) -> str:
 
 def main(argv: list[str]) -> int:
   try:
-    args, opts = parse_argv(argv)
-    config = cli.load_config(args["config"], args["arg"])
-    cli.apply_overrides(config, args["overrides"])
-    result = measure(config, opts["steps"], opts["warmup"])
-    name = os.path.relpath(args["config"]) + (f":{args['arg']}" if args["arg"] else "")
+    args = parse_argv(argv)
+    config = cli.load_config(args.config, args.arg, args.overrides)
+    result = measure(config, args.extra["steps"], args.extra["warmup"])
+    name = os.path.relpath(args.config) + (f":{args.arg}" if args.arg else "")
     print(report(result, name))
-    if opts["json"]:
+    if path := args.extra["json"]:
       try:
-        with open(opts["json"], "w", encoding="utf-8") as f:
+        with open(path, "w", encoding="utf-8") as f:
           json.dump({"config": name, **result}, f, indent=2)
       except OSError as err:
-        raise UserError(f"cannot write --json {opts['json']}: {err.strerror}; choose a writable path") from None
+        raise UserError(f"cannot write --json {path}: {err.strerror}; choose a writable path") from None
     return 0
   except UserError as err:
     print(f"error: {err}", file=sys.stderr)

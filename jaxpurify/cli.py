@@ -1,15 +1,18 @@
-"""Command line: `main.py --config configs/NAME.py[:ARGS] [--workdir DIR] [--config.a.b=VALUE ...]`.
+"""Command line: `main.py --config configs/NAME.py[:ARGS] [--workdir DIR] [--config.a.b=VALUE ...] [--distributed]`.
 
-Every bad input ends in one line on stderr and exit status 2, never a traceback.
+The flags are absl flags and the config is `ml_collections.config_flags`' (the `file.py:arg` argument, typed
+`--config.a.b=v` overrides, a locked config). This module only words their errors: every bad input ends in one
+`error: ...` line on stderr and exit status 2, never a traceback. Loading a config imports no JAX.
 """
 
-import ast
-import importlib.util
 import os
 import re
 import sys
+from typing import NamedTuple
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from jaxpurify.errors import UserError
 
@@ -17,88 +20,121 @@ USAGE = ("usage: python main.py --config configs/NAME.py[:key=val,flag] [--workd
          "[--config.a.b=value ...] [--distributed]")
 
 
-def parse_argv(argv: list[str]) -> dict:
-  """-> {'config': path, 'arg': str|None, 'workdir': str|None, 'overrides': [(key, text)], 'distributed': bool}."""
-  out = {"config": None, "arg": None, "workdir": None, "overrides": [], "distributed": False}
+class Args(NamedTuple):
+  """A parsed command line: the config file, its argument, the workdir (None: the default), the raw
+  `--config.a.b=value` overrides, --distributed, and the values of any extra flags by name."""
+  config: str
+  arg: str | None
+  workdir: str | None
+  overrides: list[str]
+  distributed: bool
+  extra: dict
+
+
+def _flag_name(item: str) -> str:
+  return item.lstrip("-").partition("=")[0]
+
+
+def parse_argv(argv: list[str], usage: str = USAGE, extra_flags: dict | None = None, workdir: bool = True) -> Args:
+  """Splits argv (without the program's name) into Args; --config is required, other names refused.
+
+  extra_flags: {name: (default, parse(text) -> value)} of a tool's own flags (`--name=value` or `--name value`).
+  workdir: whether --workdir is one of the flags.
+  """
+  extra_flags = extra_flags or {}
+  takes_workdir, config, workdir = workdir, None, None
+  overrides, distributed, extra = [], False, {name: default for name, (default, _) in extra_flags.items()}
   args = list(argv)
   while args:
     item = args.pop(0)
-    name, eq, value = item.partition("=")
-    if name == "--distributed" and not eq:
-      out["distributed"] = True
+    if item in ("-h", "--help"):
+      raise UserError(usage)
+    name, eq, value = _flag_name(item), "=" in item, item.partition("=")[2]
+    if not item.startswith("--") or not (name in ("config", "distributed") or name in extra_flags
+                                         or name.startswith("config.") or (name == "workdir" and takes_workdir)):
+      raise UserError(f"unknown argument {item!r}; {usage}")
+    if name == "distributed" and not eq:
+      distributed = True
       continue
-    if not (name == "--config" or name == "--workdir" or name.startswith("--config.")):
-      raise UserError(f"unknown argument {item!r}; {USAGE}")
     if not eq:
       if not args:
-        raise UserError(f"{name} needs a value; {USAGE}")
+        raise UserError(f"--{name} needs a value; {usage}")
       value = args.pop(0)
-    if name == "--config":
-      out["config"], _, arg = value.partition(":")
-      out["arg"] = arg or None
-    elif name == "--workdir":
-      out["workdir"] = value
+      item = f"--{name}={value}"
+    if name == "config":
+      config = value
+    elif name == "workdir":
+      workdir = value
+    elif name == "distributed":
+      distributed = value.lower() in ("true", "1")
+    elif name in extra_flags:
+      extra[name] = extra_flags[name][1](value)
     else:
-      out["overrides"].append((name[len("--config."):], value))
-  if out["config"] is None:
-    raise UserError(f"--config is required; {USAGE}")
-  return out
+      overrides.append(item)
+  if config is None:
+    raise UserError(f"--config is required; {usage}")
+  path, _, arg = config.partition(":")
+  return Args(path, arg or None, workdir, overrides, distributed, extra)
 
 
-def load_config(path: str, arg: str | None) -> ml_collections.ConfigDict:
+def known_configs(directory: str = "configs") -> list[str]:
+  """The runnable config files in `directory`: those that define get_config."""
+  if not os.path.isdir(directory):
+    return []
+  found = []
+  for name in sorted(os.listdir(directory)):
+    if name.endswith(".py"):
+      with open(os.path.join(directory, name), encoding="utf-8") as f:
+        if re.search(r"^def get_config\(", f.read(), re.M):
+          found.append(f"{directory}/{name}")
+  return found
+
+
+def _innermost(err: BaseException) -> BaseException:
+  """The exception at the bottom of a chain (config_flags re-raises a config's ValueError with a traceback)."""
+  while err.__context__ is not None and err.__context__ is not err:
+    err = err.__context__
+  return err
+
+
+def _check_override_keys(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+  """UserError naming the first override whose key the config does not have, and the keys next to it."""
+  for item in overrides:
+    key = _flag_name(item)[len("config."):]
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+      where = ".".join(parts[:i]) or "config"
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise UserError(f"unknown config key {key!r}; {where} is a value, not a group of keys")
+      if part not in node:
+        raise UserError(f"unknown config key {key!r}; keys under {where}: {', '.join(sorted(node.keys()))}")
+      node = node[part]
+
+
+def load_config(path: str, arg: str | None = None, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+  """The locked config of `path`'s get_config(arg) with `--config.a.b=value` overrides applied, through
+  ml_collections.config_flags; every problem is a UserError of one line."""
   if not os.path.isfile(path):
-    known = sorted(f for f in os.listdir("configs") if f.endswith(".py") and f not in ("__init__.py", "common.py")) \
-        if os.path.isdir("configs") else []
-    raise UserError(f"config file {path} does not exist; use one of {', '.join('configs/' + k for k in known)}")
+    known = known_configs()
+    raise UserError(f"config file {path} does not exist; use one of {', '.join(known) or 'the files in configs/'}")
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
   if root not in sys.path:
     sys.path.insert(0, root)  # configs import `configs.common`
-  spec = importlib.util.spec_from_file_location(f"_jaxpurify_config_{os.path.basename(path)[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  argv = ["jaxpurify", f"--config={path}" + (f":{arg}" if arg else ""), *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "the experiment's config", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
   try:
-    config = module.get_config(arg)
-  except ValueError as err:
-    raise UserError(f"{path}: {err}") from None
-  config.lock()
-  return config
-
-
-def _parse_value(text: str, current):
-  if isinstance(current, bool):
-    if text.lower() not in ("true", "false", "1", "0"):
-      raise ValueError("expected true or false")
-    return text.lower() in ("true", "1")
-  if isinstance(current, str):
-    return text
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    raise ValueError(f"{text!r} is not a Python literal") from None
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
-    value = type(current)(value)
-  if current is not None and not isinstance(value, type(current)):
-    raise ValueError(f"expected a {type(current).__name__}, got {type(value).__name__}")
-  return value
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides) -> None:
-  for key, text in overrides:
-    *parents, leaf = key.split(".")
-    node = config
-    for i, part in enumerate(parents + [leaf]):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        where = ".".join(parents[:i]) or "config"
-        known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
-        raise UserError(f"unknown config key {key!r}; keys under {where}: {known}")
-      if i < len(parents):
-        node = node[part]
-    try:
-      node[leaf] = _parse_value(text, node[leaf])
-    except (ValueError, TypeError) as err:
-      raise UserError(f"--config.{key}={text}: {err}; fix the value's type") from None
+    values(argv)
+    return values.config
+  except flags.Error as err:
+    if str(err).startswith(f"flag --config={path}"):  # get_config refused its argument
+      raise UserError(f"{path}: {_innermost(err)}") from None
+    message = re.sub(r"^flag (--\S+?)=", r"\1=", str(err).splitlines()[0])
+    raise UserError(f"{message}; fix the value's type") from None
+  except (AttributeError, KeyError):  # an override of a key the config does not have
+    _check_override_keys(load_config(path, arg), overrides)
+    raise
 
 
 def default_workdir(path: str, arg: str | None) -> str:
@@ -110,13 +146,12 @@ def default_workdir(path: str, arg: str | None) -> str:
 def main(argv: list[str]) -> int:
   try:
     args = parse_argv(argv)
-    if args["distributed"] or os.environ.get("JAXPURIFY_DIST"):
+    config = load_config(args.config, args.arg, args.overrides)
+    if args.distributed or os.environ.get("JAXPURIFY_DIST"):
       import jax  # pylint: disable=g-import-not-at-top
       if not jax.distributed.is_initialized():
         jax.distributed.initialize()  # must precede every other JAX call
-    config = load_config(args["config"], args["arg"])
-    apply_overrides(config, args["overrides"])
-    workdir = args["workdir"] or default_workdir(args["config"], args["arg"])
+    workdir = args.workdir or default_workdir(args.config, args.arg)
     from jaxpurify import experiments  # pylint: disable=g-import-not-at-top
     experiments.run(config, workdir)
     return 0

@@ -1,6 +1,6 @@
 """Frozen image encoders as the attacks and evaluations use them: a backbone's graph and its arrays.
 
-An `Encoder` is the ResNet backbone alone (no projection head): attacks fine-tune it and downstream
+An `Encoder` is the backbone alone (no projection head): attacks fine-tune it and downstream
 evaluation reads its pooled feature. It comes from a pre-training state or from a checkpoint on disk.
 """
 
@@ -20,7 +20,7 @@ from jaxpurify.models import build_encoder
 
 
 class Encoder(NamedTuple):
-  """graphdef of a ResNet backbone, its nnx.Param state and its nnx.BatchStat state."""
+  """graphdef of a backbone (any of models.ENCODERS), its nnx.Param state and its nnx.BatchStat state."""
   graphdef: Any
   params: Any
   batch_stats: Any
@@ -113,11 +113,12 @@ def load_backbone(path: str, model_config, mesh, stages=CLEAN_STAGES,
   like = build_backbone(model_config, 0)
   found = []
   for kind, state in (("params", like.params), ("batch_stats", like.batch_stats)):
+    expected = nnx.to_pure_dict(state)
     stored = raw.get(kind) if isinstance(raw, dict) else None
-    if isinstance(stored, dict) and "backbone" in stored:
+    if isinstance(stored, dict) and "backbone" in stored:  # a model around the backbone (SSL, classifier)
       stored = stored["backbone"]
-    elif not (isinstance(stored, dict) and "stages" in stored):
+    elif not (isinstance(stored, dict) and set(map(str, stored)) & set(map(str, expected))):
       raise UserError(f"checkpoint {directory} holds no encoder backbone; point {field} to a finished run")
-    nnx.replace_by_pure_dict(state, _match(nnx.to_pure_dict(state), stored, "", directory, model_config))
+    nnx.replace_by_pure_dict(state, _match(expected, stored, "", directory, model_config))
     found.append(state)
   return Encoder(like.graphdef, *parallel.put_replicated(tuple(found), mesh))

@@ -3,3 +3,15 @@
 
 class UserError(Exception):
   """Bad input from the user (config, data, workdir). `str(err)` is the whole message shown."""
+
+
+def moved(package: str, table: dict[str, str]):
+  """A module `__getattr__` for names that moved: {old name: new dotted path} -> ImportError naming the new home
+  (raised from `from package import name` and `package.name` alike)."""
+
+  def __getattr__(name: str):
+    if name in table:
+      raise ImportError(f"{package}.{name} moved to {table[name]}; import it from there (docs/api.md)")
+    raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+  return __getattr__

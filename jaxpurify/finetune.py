@@ -9,7 +9,9 @@ its head), then BadEncoder's 3-layer head `Dense(512) -> ReLU -> Dropout(0.5) ->
 - FT-all: encoder and head train together, BatchNorm in training mode.
 
 Both train on uint8 images with the usual supervised augmentation (random crop with zero padding, horizontal
-flip), on device, with softmax cross-entropy.
+flip), on device, with softmax cross-entropy. This module is the one downstream trainer: the threat harness,
+T-Core and every baseline build, train and evaluate their classifiers with `finetune_training`,
+`finetune_stage` and `evaluate_classifier`.
 """
 
 import jax
@@ -18,13 +20,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpurify import augment, evaluation
+from jaxpurify import augment, data, evaluation, stages
+from jaxpurify.data.device import DeviceDataset
 from jaxpurify.encoders import Encoder
-from jaxpurify.evaluation.mlp import MLPHead
+from jaxpurify.errors import moved
+from jaxpurify.evaluation.metrics import backdoor_metrics
 from jaxpurify.losses import l2_normalize
-from jaxpurify.train.state import TrainState, apply_gradients
+from jaxpurify.models.heads import MLPHead
+from jaxpurify.train.state import TrainState, apply_gradients, create_state, make_optimizer
 
 PROTOCOLS = ("ft_head", "ft_all")
+__getattr__ = moved(__name__, {"crop_flip": "jaxpurify.augment.crop_flip"})
 
 
 class Classifier(nnx.Module):
@@ -52,24 +58,6 @@ def head_only(params) -> object:
   return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[0], "key", None) == "head", params)
 
 
-def crop_flip(key: jax.Array, images: jax.Array, padding: int, flip_prob: float) -> jax.Array:
-  """RandomCrop(H, padding, zero fill) then RandomHorizontalFlip(flip_prob): uint8 [B, H, W, C] -> same.
-
-  Sample b draws its offsets and flip from `jax.random.split(key, B)[b]`.
-  """
-  b, h, w, c = images.shape
-  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-
-  def one(k, img):
-    k_top, k_left, k_flip = jax.random.split(k, 3)
-    top = jax.random.randint(k_top, (), 0, 2 * padding + 1)
-    left = jax.random.randint(k_left, (), 0, 2 * padding + 1)
-    img = jax.lax.dynamic_slice(img, (top, left, 0), (h, w, c))
-    return jnp.where(jax.random.uniform(k_flip) < flip_prob, augment.hflip(img), img)
-
-  return jax.vmap(one)(augment.batch_keys(key, padded), padded)
-
-
 def make_step(graphdef, tx, protocol: str, augment_config, mean, std, param_mask=None):
   """-> step(state, batch, key) -> (state, metrics) of `protocol` (PROTOCOLS); pure, jit it with the state donated.
 
@@ -85,7 +73,7 @@ def make_step(graphdef, tx, protocol: str, augment_config, mean, std, param_mask
   def step(state: TrainState, batch, key):
     key = jax.random.fold_in(key, state.step)
     aug_key, drop_key = jax.random.split(key)
-    images = crop_flip(aug_key, batch["image"], augment_config.padding, augment_config.flip_prob)
+    images = augment.crop_flip(aug_key, batch["image"], augment_config.padding, augment_config.flip_prob)
     x = augment.normalize(augment.to_float(images), mean, std)
 
     def loss_fn(params):
@@ -126,6 +114,67 @@ def predict_logits(logits_fn, images: np.ndarray, batch_size: int, mesh) -> np.n
   return evaluation.apply_batched(logits_fn, images, batch_size, mesh)
 
 
+def logits(config, graphdef, state: TrainState, images: np.ndarray, mesh) -> np.ndarray:
+  """A classifier's logits float32 [N, C] of uint8 images [N, H, W, 3], normalised with config.model's mean and
+  std, batched by config.evaluate.batch_size."""
+  fn = predict_fn(graphdef, state, config.model.mean, config.model.std)
+  return predict_logits(fn, images, config.evaluate.batch_size, mesh)
+
+
 def predict(logits_fn, images: np.ndarray, batch_size: int, mesh) -> np.ndarray:
   """Predicted labels int [N] of uint8 images [N, H, W, 3], batched over the mesh (argmax of the logits)."""
   return np.argmax(predict_logits(logits_fn, images, batch_size, mesh), axis=-1)
+
+
+def classifier_mask(params, encoder_mask):
+  """A Classifier's params (nnx.State) and multipliers over its encoder's params (a tree like Encoder.params, e.g.
+  `defenses.tcore.channels.param_mask`) -> multipliers over the classifier's params: the encoder's on 'backbone',
+  1.0 on the head."""
+  multipliers = jax.tree.map(lambda _: jnp.ones((), jnp.float32), params)
+  pure = nnx.to_pure_dict(multipliers)
+  pure["backbone"] = nnx.to_pure_dict(encoder_mask)
+  nnx.replace_by_pure_dict(multipliers, pure)
+  return multipliers
+
+
+def finetune_training(config, protocol: str, encoder: Encoder, images: np.ndarray, labels: np.ndarray,
+                      num_classes: int, mesh, encoder_mask=None, block=None):
+  """-> (graphdef, state at step 0, jitted donating step, DeviceDataset, number of steps) of `protocol` on
+  uint8 images [N, H, W, 3] with labels [N], starting from `encoder`. encoder_mask: multipliers over the encoder's
+  params applied after every update (pruned channels stay 0), or None. block: {optim, train}, default
+  config.finetune[protocol].
+  """
+  ft, block = config.finetune, block or config.finetune[protocol]
+  dataset = DeviceDataset({"image": images, "label": labels.astype(np.int32)}, mesh, block.train.batch_size,
+                          config.seed)
+  num_steps = block.train.epochs * dataset.steps_per_epoch
+  trainable = head_only if protocol == "ft_head" else None
+  tx = make_optimizer(block.optim, num_steps, dataset.steps_per_epoch, trainable=trainable)
+  graphdef, state = create_state(lambda: build_classifier(encoder, num_classes, ft.head, config.seed), tx, mesh)
+  param_mask = classifier_mask(state.params, encoder_mask) if encoder_mask is not None else None
+  step = jax.jit(make_step(graphdef, tx, protocol, ft.augment, config.model.mean, config.model.std, param_mask),
+                 donate_argnums=0)
+  return graphdef, state, step, dataset, num_steps
+
+
+def evaluate_classifier(config, graphdef, state, test: data.ImageSplit, trigger, target: int, mesh) -> dict:
+  """{acc, asr, asr_all} of a fine-tuned classifier on `test` and its triggered copy."""
+  batch, mean, std = config.evaluate.batch_size, config.model.mean, config.model.std
+  clean = predict(predict_fn(graphdef, state, mean, std), test.images, batch, mesh)
+  triggered = predict(predict_fn(graphdef, state, mean, std, trigger), test.images, batch, mesh)
+  return backdoor_metrics(clean, test.labels, triggered, target)
+
+
+def finetune_stage(run, stage: str, config, protocol: str, encoder: Encoder, images, labels,
+                   test: data.ImageSplit, trigger, target: int, mesh) -> dict:
+  """Fine-tunes `encoder` on (images, labels) with `protocol` (stage `stage`), then -> {acc, asr, asr_all} on
+  `test` with `trigger` and `target`."""
+  if (record := run.done(stage)) is not None:
+    return record["evaluation"]
+  graphdef, state, step, dataset, num_steps = finetune_training(config, protocol, encoder, images, labels,
+                                                                test.num_classes, mesh)
+  state = stages.train(run, stage, state, step, dataset.batch, config.finetune[protocol].train, num_steps, mesh,
+                       config.seed)
+  evaluation_ = evaluate_classifier(config, graphdef, state, test, trigger, target, mesh)
+  run.finish(stage, {"steps": num_steps, "evaluation": evaluation_})
+  return evaluation_

@@ -91,6 +91,31 @@ class Run:
     return table
 
 
+def config_value(config, key: str):
+  """config's value at the dotted `key` ('defense.loss.name')."""
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def derived_config(config, overrides: dict):
+  """A copy of `config` with {dotted key: value} set (an ablation's cell)."""
+  cell = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    config_value(cell, ".".join(parents))[leaf] = value
+  return cell
+
+
+def link_stages(base_dir: str, cell_dir: str, stage_names) -> None:
+  """Links the finished or started stage folders `stage_names` of the run in base_dir into the workdir cell_dir
+  (an ablation's cell reuses the stages its config leaves unchanged)."""
+  for stage in stage_names:
+    link, target = os.path.join(cell_dir, stage), os.path.join(base_dir, stage)
+    if os.path.isdir(target) and not os.path.lexists(link) and jax.process_index() == 0:
+      os.symlink(os.path.relpath(target, cell_dir), link)
+
+
 def results_table(evaluations: dict[str, dict]) -> str:
   """Markdown table: one row per evaluation, columns acc/asr/asr_all first, then the rest; values in %."""
   keys = [k for k in ("acc", "asr", "asr_all") if any(k in e for e in evaluations.values())]

@@ -1,11 +1,11 @@
-"""The three threats of transfer learning (tcore.md section 3) as one experiment, and its stages.
+"""The three threats of transfer learning (tcore.md section 3): the setting every downstream experiment shares.
 
 - threat 1: a poisoned encoder (BadEncoder/DRUPE, config.attack) fine-tuned on clean downstream data;
 - threat 2: the clean encoder fine-tuned on poisoned downstream data (config.poison);
 - threat 3: both, with one trigger and one target: the encoder attack uses the data attack's test trigger.
 
-Rows `clean/<protocol>` (the clean encoder fine-tuned on clean data) and `poisoned/<protocol>` (the undefended
-victim under the threat), each with acc and asr/asr_all of the threat's trigger, for FT-head and FT-all.
+`setting(run, mesh)` makes the threat; `undefended_rows` fine-tunes the clean pair and the victim: rows
+`clean/<protocol>` and `poisoned/<protocol>`, each with acc and asr/asr_all of the threat's trigger.
 Stages: pretrain (or config.clean_encoder), attack, poison_model (attacks with an auxiliary model), poison (the
 poisoned set in poison/poisoned_train.npz and poison/samples.png), finetune_<row>_<protocol>.
 """
@@ -18,24 +18,22 @@ import jax
 import numpy as np
 
 from jaxpurify import data, encoders, finetune, parallel, plots, stages, triggers
-from jaxpurify.data.device import DeviceDataset
-from jaxpurify.defenses import channels
 from jaxpurify.encoders import Encoder
-from jaxpurify.errors import UserError
-from jaxpurify.evaluation.metrics import backdoor_metrics
-from jaxpurify.poisoning import attacks
+from jaxpurify.errors import UserError, moved
+from jaxpurify.poisoning import registry
 from jaxpurify.train import checkpoint
-from jaxpurify.train.state import create_state, make_optimizer
 
 POISONED_FILE = "poisoned_train.npz"
+__getattr__ = moved(__name__, {**{name: f"jaxpurify.finetune.{name}" for name in (
+    "finetune_training", "finetune_stage", "evaluate_classifier")}, "threat": "jaxpurify.experiments.threat.run"})
 
 
 def poison_model(run, config, split: data.ImageSplit, mesh):
   """The trained state of the attack's auxiliary model (stage `poison_model`), or None if it has none."""
   block = config.poison
-  if block.attack not in attacks.AUXILIARY:
+  if block.attack not in registry.AUXILIARY:
     return None
-  module, settings = attacks.AUXILIARY[block.attack], block[block.attack]
+  module, settings = registry.AUXILIARY[block.attack], block[block.attack]
   state, step, batch_fn, num_steps = module.training(settings, split.images, split.labels, block.target, mesh,
                                                      block.seed)
   if run.done("poison_model"):
@@ -50,67 +48,25 @@ def poison_data(run, config, split: data.ImageSplit, mesh):
   poison/poisoned_train.npz, and the trigger that measures the attack."""
   block = config.poison
   aux_state = poison_model(run, config, split, mesh)
-  trigger = attacks.test_trigger(block, split.images.shape[1], aux_state)
+  trigger = registry.test_trigger(block, split.images.shape[1], aux_state)
   path = os.path.join(run.stage_dir("poison"), POISONED_FILE)
   if run.done("poison"):
-    return attacks.load(path)[0], trigger
-  poisoned = attacks.poison(block, split.images, split.labels, mesh, aux_state)
+    return registry.load(path)[0], trigger
+  poisoned = registry.poison(block, split.images, split.labels, mesh, aux_state)
   if jax.process_index() == 0:
-    attacks.save(path, poisoned, block)
+    registry.save(path, poisoned, block)
     shown = np.concatenate([poisoned.poison[:8], poisoned.extra[:8]])[:8]
     triggered = np.asarray(jax.jit(trigger)(split.images[shown]))
     plots.plot_trigger_grid({"clean": split.images[shown], "training poison": poisoned.images[shown],
                              "test trigger": triggered},
                             os.path.join(run.workdir, "poison", "samples.png"),
                             f"{block.attack}: target {block.target}, {len(poisoned.poison)} poisoned"
-                            + (f", {len(poisoned.extra)} {extra}" if (extra := attacks.ATTACKS[block.attack].extra)
+                            + (f", {len(poisoned.extra)} {extra}" if (extra := registry.ATTACKS[block.attack].extra)
                                else ""))
   run.finish("poison", {"poisoned": len(poisoned.poison), "extra": len(poisoned.extra),
                         "examples": len(poisoned.labels), "poison_indices": poisoned.poison.tolist(),
                         "extra_indices": poisoned.extra.tolist()})
   return poisoned, trigger
-
-
-def finetune_training(config, protocol: str, encoder: Encoder, images: np.ndarray, labels: np.ndarray,
-                      num_classes: int, mesh, channel_masks=None, block=None):
-  """-> (graphdef, state at step 0, jitted donating step, DeviceDataset, number of steps) of `protocol` on
-  uint8 images [N, H, W, 3] with labels [N], starting from `encoder`; `channel_masks` (defenses.channels) keep
-  the pruned encoder channels at 0 through every update. block: {optim, train}, default config.finetune[protocol].
-  """
-  ft, block = config.finetune, block or config.finetune[protocol]
-  dataset = DeviceDataset({"image": images, "label": labels.astype(np.int32)}, mesh, block.train.batch_size,
-                          config.seed)
-  num_steps = block.train.epochs * dataset.steps_per_epoch
-  trainable = finetune.head_only if protocol == "ft_head" else None
-  tx = make_optimizer(block.optim, num_steps, dataset.steps_per_epoch, trainable=trainable)
-  graphdef, state = create_state(lambda: finetune.build_classifier(encoder, num_classes, ft.head, config.seed),
-                                 tx, mesh)
-  param_mask = channels.classifier_param_mask(state.params, channel_masks) if channel_masks else None
-  step = jax.jit(finetune.make_step(graphdef, tx, protocol, ft.augment, config.model.mean, config.model.std,
-                                    param_mask), donate_argnums=0)
-  return graphdef, state, step, dataset, num_steps
-
-
-def evaluate_classifier(config, graphdef, state, test: data.ImageSplit, trigger, target: int, mesh) -> dict:
-  """{acc, asr, asr_all} of a fine-tuned classifier on `test` and its triggered copy."""
-  batch, mean, std = config.evaluate.batch_size, config.model.mean, config.model.std
-  clean = finetune.predict(finetune.predict_fn(graphdef, state, mean, std), test.images, batch, mesh)
-  triggered = finetune.predict(finetune.predict_fn(graphdef, state, mean, std, trigger), test.images, batch, mesh)
-  return backdoor_metrics(clean, test.labels, triggered, target)
-
-
-def finetune_stage(run, stage: str, config, protocol: str, encoder: Encoder, images, labels,
-                   test: data.ImageSplit, trigger, target: int, mesh) -> dict:
-  """Fine-tunes `encoder` on (images, labels) with `protocol`, then -> {acc, asr, asr_all} on `test`."""
-  if (record := run.done(stage)) is not None:
-    return record["evaluation"]
-  graphdef, state, step, dataset, num_steps = finetune_training(config, protocol, encoder, images, labels,
-                                                                test.num_classes, mesh)
-  state = stages.train(run, stage, state, step, dataset.batch, config.finetune[protocol].train, num_steps, mesh,
-                       config.seed)
-  evaluation = evaluate_classifier(config, graphdef, state, test, trigger, target, mesh)
-  run.finish(stage, {"steps": num_steps, "evaluation": evaluation})
-  return evaluation
 
 
 class Setting(NamedTuple):
@@ -154,18 +110,13 @@ def undefended_rows(run, setting_: Setting, mesh) -> dict:
   config, s = run.config, setting_
   rows = {}
   for protocol in config.finetune.protocols:
-    rows[f"clean/{protocol}"] = finetune_stage(run, f"finetune_clean_{protocol}", config, protocol, s.clean,
-                                               s.train.images, s.train.labels, s.test, s.trigger, s.target, mesh)
-    rows[f"poisoned/{protocol}"] = finetune_stage(run, f"finetune_poisoned_{protocol}", config, protocol, s.encoder,
-                                                  s.victim_images, s.victim_labels, s.test, s.trigger, s.target,
-                                                  mesh)
+    rows[f"clean/{protocol}"] = finetune.finetune_stage(
+        run, f"finetune_clean_{protocol}", config, protocol, s.clean, s.train.images, s.train.labels, s.test,
+        s.trigger, s.target, mesh)
+    rows[f"poisoned/{protocol}"] = finetune.finetune_stage(
+        run, f"finetune_poisoned_{protocol}", config, protocol, s.encoder, s.victim_images, s.victim_labels, s.test,
+        s.trigger, s.target, mesh)
   return rows
-
-
-def threat(run, mesh) -> dict:
-  """The threat's setting, then FT-head and FT-all of the clean and the threatened pair -> {'clean/ft_head':
-  {acc, asr, asr_all}, 'poisoned/ft_head': ..., ...}."""
-  return undefended_rows(run, setting(run, mesh), mesh)
 
 
 def check(config) -> None:
@@ -189,7 +140,7 @@ def check(config) -> None:
                            field="config.clean_encoder")
   train = stages.load_data(config, config.finetune.dataset, "train")
   if "poison" in config:
-    attacks.check(config.poison, train.images.shape[1], train.labels)
+    registry.check(config.poison, train.images.shape[1], train.labels)
   if "attack" in config and "poison" in config and config.attack.target != config.poison.target:
     raise UserError(f"threat 3 uses one target class, but config.attack.target is {config.attack.target} "
                             f"and config.poison.target {config.poison.target}; set them equal")

@@ -1,12 +1,18 @@
-"""Every test runs on 8 fake CPU devices, set before JAX is imported."""
+"""Every test runs on 8 fake CPU devices, set before JAX is imported, with fast compiles and one persistent
+compilation cache that the test process and the CLI processes it starts share (environment variables, which
+subprocesses inherit)."""
 
 import os
+import tempfile
 
 os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # fast compiles (as flax's imagenet test)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxpurify-test-xla-"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_disable_most_optimizations", True)  # fast compiles (as flax's imagenet test)

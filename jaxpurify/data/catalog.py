@@ -9,6 +9,8 @@ import numpy as np
 from jaxpurify.errors import UserError
 
 DATA_DIR_ENV = "JAXPURIFY_DATA_DIR"
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the input normalisation of every CIFAR-trained encoder here
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -25,3 +25,17 @@ def backdoor_metrics(pred_clean, labels, pred_triggered=None, target: int | None
   metrics["asr"] = float(np.mean(hit[non_target])) if non_target.any() else float("nan")
   metrics["asr_all"] = float(np.mean(hit))
   return metrics
+
+
+def poison_counts(indices: np.ndarray, poison: np.ndarray) -> dict:
+  """How many of `indices` are true poisons, and the set's purity (fraction clean)."""
+  poisoned = int(np.isin(indices, poison).sum())
+  return {"count": int(len(indices)), "poisoned": poisoned,
+          "purity": float(1 - poisoned / len(indices)) if len(indices) else float("nan")}
+
+
+def detection(suspected: np.ndarray, poison: np.ndarray) -> dict:
+  """Precision and recall of the suspected set against the true poisons (nan where undefined)."""
+  hits = int(np.isin(suspected, poison).sum())
+  return {"suspected": int(len(suspected)), "precision": hits / len(suspected) if len(suspected) else float("nan"),
+          "recall": hits / len(poison) if len(poison) else float("nan")}

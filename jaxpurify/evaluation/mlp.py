@@ -3,39 +3,13 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from jaxpurify.evaluation.features import place
 from jaxpurify.evaluation.loop import train_head
-
-
-def _torch_linear(fan_in: int, fan_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-  """`torch.nn.Linear`'s default init: kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = fan_in ** -0.5
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return nnx.Linear(fan_in, fan_out, kernel_init=init, bias_init=init, rngs=rngs)
-
-
-class MLPHead(nnx.Module):
-  """Dense(h1) -> ReLU -> Dropout -> Dense(h2) -> ReLU -> Dense(C): features [B, D] -> logits [B, C]."""
-
-  def __init__(self, in_features: int, num_classes: int, *, hidden: tuple[int, int] = (512, 256),
-               dropout: float = 0.5, rngs: nnx.Rngs):
-    self.fc1 = _torch_linear(in_features, hidden[0], rngs)
-    self.drop = nnx.Dropout(dropout)
-    self.fc2 = _torch_linear(hidden[0], hidden[1], rngs)
-    self.fc3 = _torch_linear(hidden[1], num_classes, rngs)
-
-  def __call__(self, x: jax.Array, *, rngs: jax.Array | None = None) -> jax.Array:
-    """Training mode (dropout) when given a dropout key `rngs`, eval mode otherwise."""
-    x = self.drop(jax.nn.relu(self.fc1(x)), deterministic=rngs is None, rngs=rngs)
-    return self.fc3(jax.nn.relu(self.fc2(x)))
+from jaxpurify.models.heads import MLPHead
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "epochs", "batch_size", "shuffle"))

@@ -1,22 +1,35 @@
-"""Encoders and heads. `build_encoder(name, width, rngs)` is the registry the configs name."""
+"""Encoders and the models built around them.
 
+Every encoder (backbone) maps normalised images [B, H, W, 3] to `(pooled [B, D], taps)`: `taps` holds
+intermediate features by name, in forward order (its `tap_names`). Code outside `models/` reads taps by name and
+asks the encoder for anything architecture-specific (`conv_bn_pairs` for the channel defenses).
+`ENCODERS[name](width, rngs)` is the registry the configs name (config.model.name, config.model.width).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from jaxpurify.errors import UserError
-from jaxpurify.models.heads import ProjectionHead
-from jaxpurify.models.resnet import ARCHS, ResNet
+from jaxpurify.errors import UserError, moved
+from jaxpurify.models.heads import MLPHead, ProjectionHead
+from jaxpurify.models.resnet import RESNETS, ResNet
+
+ENCODERS = {name: functools.partial(ResNet, block, stage_sizes) for name, (block, stage_sizes) in RESNETS.items()}
+__getattr__ = moved(__name__, {"ARCHS": "jaxpurify.models.ENCODERS (name -> builder)"})
 
 
 class SSLModel(nnx.Module):
-  """Backbone plus projection head: `(x, train) -> (feature [B, D], projection [B, P], maps)`."""
+  """Backbone plus projection head: `(x, train) -> (feature [B, D], projection [B, P], taps)`."""
 
-  def __init__(self, backbone: ResNet, proj_hidden: int, proj_dim: int, *, rngs: nnx.Rngs):
+  def __init__(self, backbone: nnx.Module, proj_hidden: int, proj_dim: int, *, rngs: nnx.Rngs):
     self.backbone = backbone
     self.head = ProjectionHead(backbone.feature_dim, proj_hidden or backbone.feature_dim, proj_dim, rngs=rngs)
 
   def __call__(self, x, train: bool = False):
-    feature, maps = self.backbone(x, train)
-    return feature, self.head(feature, train), maps
+    feature, taps = self.backbone(x, train)
+    return feature, self.head(feature, train), taps
 
 
 class BYOLModel(SSLModel):
@@ -26,7 +39,8 @@ class BYOLModel(SSLModel):
   with the same parameter paths) has none.
   """
 
-  def __init__(self, backbone: ResNet, proj_hidden: int, proj_dim: int, predictor_hidden: int, *, rngs: nnx.Rngs):
+  def __init__(self, backbone: nnx.Module, proj_hidden: int, proj_dim: int, predictor_hidden: int, *,
+               rngs: nnx.Rngs):
     super().__init__(backbone, proj_hidden, proj_dim, rngs=rngs)
     self.predictor = ProjectionHead(proj_dim, predictor_hidden, proj_dim, rngs=rngs)
 
@@ -35,7 +49,7 @@ class LinearClassifier(nnx.Module):
   """Backbone + one linear layer: normalised images [B, H, W, 3] -> logits [B, num_classes] (the attacks'
   surrogate classifiers)."""
 
-  def __init__(self, backbone: ResNet, num_classes: int, *, rngs: nnx.Rngs):
+  def __init__(self, backbone: nnx.Module, num_classes: int, *, rngs: nnx.Rngs):
     self.backbone = backbone
     self.head = nnx.Linear(backbone.feature_dim, num_classes, rngs=rngs)
 
@@ -44,16 +58,31 @@ class LinearClassifier(nnx.Module):
     return self.head(feature)
 
 
+def check_name(name: str, field: str = "config.model.name", what: str = "model") -> None:
+  """UserError naming the known encoders unless `name` is one."""
+  if name not in ENCODERS:
+    raise UserError(f"unknown {what} {name!r}; set {field} to one of {sorted(ENCODERS)}")
+
+
+def build_encoder(name: str, width: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  check_name(name)
+  return ENCODERS[name](width, rngs=rngs)
+
+
+def describe(model_config, image_size: int) -> tuple[int, dict[str, tuple[int, ...]]]:
+  """(feature dim D, {tap name: shape of one image's tap}) of config's encoder on image_size² inputs; traces
+  shapes only, allocates no weights."""
+  check_name(model_config.name)
+  model = nnx.eval_shape(lambda: build_encoder(model_config.name, model_config.width, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  feature, taps = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                                 jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+  return feature.shape[-1], {name: taps[name].shape[1:] for name in model.tap_names}
+
+
 def build_linear_classifier(model_config, num_classes: int, rngs: nnx.Rngs) -> LinearClassifier:
   """model_config: name, width."""
   return LinearClassifier(build_encoder(model_config.name, model_config.width, rngs=rngs), num_classes, rngs=rngs)
-
-
-def build_encoder(name: str, width: int, *, rngs: nnx.Rngs) -> ResNet:
-  if name not in ARCHS:
-    raise UserError(f"unknown model {name!r}; set config.model.name to one of {sorted(ARCHS)}")
-  block, stages = ARCHS[name]
-  return ResNet(block, stages, width, rngs=rngs)
 
 
 def build_ssl_model(model_config, head, seed: int) -> SSLModel:
@@ -70,5 +99,6 @@ def build_byol_model(model_config, head, predictor_hidden: int, seed: int) -> BY
   return BYOLModel(backbone, head.hidden, head.dim, predictor_hidden, rngs=rngs)
 
 
-__all__ = ["ARCHS", "BYOLModel", "LinearClassifier", "build_linear_classifier", "ProjectionHead", "ResNet", "SSLModel", "build_byol_model", "build_encoder",
-           "build_ssl_model"]
+__all__ = ["BYOLModel", "ENCODERS", "LinearClassifier", "MLPHead", "ProjectionHead", "ResNet", "SSLModel",
+           "build_byol_model", "build_encoder", "build_linear_classifier", "build_ssl_model", "check_name",
+           "describe"]

@@ -1,6 +1,8 @@
-"""Projection heads for self-supervised training."""
+"""Heads: the projection head of self-supervised training and the MLP classifier head of BadEncoder's downstream
+protocol (`training_downstream_classifier.py`), which fine-tuning puts on an encoder too."""
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxpurify.models.resnet import BN_EPSILON, BN_MOMENTUM
@@ -17,3 +19,29 @@ class ProjectionHead(nnx.Module):
   def __call__(self, h, train: bool = False):
     """h: [B, D] -> [B, out_dim] (not normalised)."""
     return self.fc2(jax.nn.relu(self.bn(self.fc1(h), use_running_average=not train)))
+
+
+def _torch_linear(fan_in: int, fan_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+  """`torch.nn.Linear`'s default init: kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = fan_in ** -0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return nnx.Linear(fan_in, fan_out, kernel_init=init, bias_init=init, rngs=rngs)
+
+
+class MLPHead(nnx.Module):
+  """Dense(h1) -> ReLU -> Dropout -> Dense(h2) -> ReLU -> Dense(C): features [B, D] -> logits [B, C]."""
+
+  def __init__(self, in_features: int, num_classes: int, *, hidden: tuple[int, int] = (512, 256),
+               dropout: float = 0.5, rngs: nnx.Rngs):
+    self.fc1 = _torch_linear(in_features, hidden[0], rngs)
+    self.drop = nnx.Dropout(dropout)
+    self.fc2 = _torch_linear(hidden[0], hidden[1], rngs)
+    self.fc3 = _torch_linear(hidden[1], num_classes, rngs)
+
+  def __call__(self, x: jax.Array, *, rngs: jax.Array | None = None) -> jax.Array:
+    """Training mode (dropout) when given a dropout key `rngs`, eval mode otherwise."""
+    x = self.drop(jax.nn.relu(self.fc1(x)), deterministic=rngs is None, rngs=rngs)
+    return self.fc3(jax.nn.relu(self.fc2(x)))

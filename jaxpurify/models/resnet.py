@@ -1,7 +1,8 @@
 """CIFAR-style ResNets in Flax NNX: 3×3 stride-1 stem, no max-pool, no classifier.
 
-`ResNet(x, train)` maps normalised images [B, H, W, 3] to the pooled feature [B, D] and the four stage
-feature maps [B, H_i, W_i, C_i] (H_i = H, H/2, H/4, H/8), which the distillation defenses use.
+`ResNet(x, train)` maps normalised images [B, H, W, 3] to the pooled feature [B, D] and its taps: the output
+of each stage by name, `layer1`..`layer4` (torchvision's names), NHWC [B, H_i, W_i, C_i] with H_i = H, H/2,
+H/4, H/8. `conv_bn_pairs()` names every convolution that feeds a BatchNorm, for the channel-Lipschitz defenses.
 """
 
 from collections.abc import Sequence
@@ -72,7 +73,8 @@ class Bottleneck(nnx.Module):
     return jax.nn.relu(x + y)
 
 
-ARCHS = {
+RESNETS = {
+    "resnet10": (BasicBlock, (1, 1, 1, 1)),  # one block per stage: the smallest, for tests and tiny runs
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
@@ -94,13 +96,27 @@ class ResNet(nnx.Module):
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
     self.feature_dim = cin
+    self.tap_names = tuple(f"layer{i + 1}" for i in range(len(stage_sizes)))
 
   def __call__(self, x, train: bool = False):
-    """x: [B, H, W, 3] normalised -> (feature [B, D], [4 stage maps [B, H_i, W_i, C_i]])."""
+    """x: [B, H, W, 3] normalised -> (feature [B, D], {'layer<i>': stage output [B, H_i, W_i, C_i]})."""
     x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
-    maps = []
-    for stage in self.stages:
+    taps = {}
+    for name, stage in zip(self.tap_names, self.stages):
       for block in stage:
         x = block(x, train)
-      maps.append(x)
-    return jnp.mean(x, axis=(1, 2)), maps
+      taps[name] = x
+    return jnp.mean(x, axis=(1, 2)), taps
+
+  def conv_bn_pairs(self) -> list[tuple[str, tuple, tuple]]:
+    """[(layer name, conv path, BatchNorm path)] in forward order, paths into the module's pure dicts: the stem
+    ('stem'), then per block its convK -> bnK ('stage1.block0.conv1', ...) and its shortcut's conv -> BN."""
+    pairs = [("stem", ("stem_conv",), ("stem_bn",))]
+    for s, stage in enumerate(self.stages):
+      for b, block in enumerate(stage):
+        at, prefix = ("stages", s, b), f"stage{s + 1}.block{b}"
+        convs = sorted((k for k in vars(block) if k.startswith("conv")), key=lambda k: int(k[4:]))
+        pairs += [(f"{prefix}.{conv}", at + (conv,), at + (f"bn{conv[4:]}",)) for conv in convs]
+        if block.shortcut is not None:
+          pairs.append((f"{prefix}.shortcut", at + ("shortcut", 0), at + ("shortcut", 1)))
+    return pairs

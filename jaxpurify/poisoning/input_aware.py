@@ -52,7 +52,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -61,41 +60,15 @@ from jaxpurify import augment, parallel
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
 from jaxpurify.poisoning import checks
-from jaxpurify.finetune import crop_flip
-from jaxpurify.models import ARCHS, build_linear_classifier
+from jaxpurify.models import build_linear_classifier, check_name
 from jaxpurify.train.state import TrainState
 
 PREFIX = "config.poison.input_aware"
 NETS = ("classifier", "generator", "mask")
 OPTIMIZERS = ("sgd", "adam")
 SQUASH_EPSILON = 1e-7  # the reference's `_EPSILON` in G's output and in the mask threshold
-MEAN = (0.4914, 0.4822, 0.4465)  # the reference's CIFAR-10 normalisation
-STD = (0.247, 0.243, 0.261)
 BN_MOMENTUM = 0.95  # torch BatchNorm2d(momentum=0.05) in the reference's Conv2dBlock
 BN_EPSILON = 1e-5
-
-
-def default_config(quick: bool) -> ml_collections.ConfigDict:
-  """config.poison.input_aware (module docstring for the references). quick: G/M widths 8 → 16 → 32, classifier
-  width 8, 2 mask epochs + 5 joint epochs, no flips (digits: about 2 minutes on 2 CPU cores)."""
-  return ml_collections.ConfigDict(dict(
-      model=dict(name="resnet18", width=8 if quick else 64, mean=MEAN, std=STD),
-      num_classes=10,
-      widths=(8, 16, 32) if quick else (32, 64, 128),
-      pratio=0.1,  # backdoor rows per training batch (and as many cross rows)
-      cross_ratio=1.0,  # cross samples per poisoned sample in the poisoned set the harness writes
-      lambda_div=1.0, lambda_norm=100.0, mask_density=0.032, epsilon=1e-7,
-      augment=dict(padding=5, flip_prob=0.0 if quick else 0.5),
-      optim=dict(
-          classifier=dict(name="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),
-                          milestones=(100, 200, 300, 400), gamma=0.1),
-          generator=dict(name="adam", lr=0.01, momentum=0.0, weight_decay=0.0, betas=(0.5, 0.9),
-                         milestones=(200, 300, 400, 500), gamma=0.1),
-          mask=dict(name="adam", lr=0.01, momentum=0.0, weight_decay=0.0, betas=(0.5, 0.9), milestones=(10, 20),
-                    gamma=0.1)),
-      train=dict(batch_size=128, mask_epochs=2 if quick else 25, epochs=5 if quick else 100,
-                 log_every=10 if quick else 50, checkpoint_every=50 if quick else 2000, keep_checkpoints=2),
-      poison_batch_size=256))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,8 +120,7 @@ def _check_size(image_size: int, widths: Sequence[int]) -> None:
 
 def check_config(block, image_size: int) -> None:
   """Fails with one line naming `config.poison.input_aware.<field>` on a bad value, before any training."""
-  if block.model.name not in ARCHS:
-    raise UserError(f"unknown model {block.model.name!r}; set {PREFIX}.model.name to one of {sorted(ARCHS)}")
+  check_name(block.model.name, f"{PREFIX}.model.name")
   _integer(block.model.width, "model.width", 1)
   for field in ("mean", "std"):
     values = _sequence(block.model[field], f"model.{field}")
@@ -432,7 +404,7 @@ def make_step(graphdefs, txs, block, target: int, batch_size: int, steps_per_epo
 
   def step(state: TrainState, batch, key):
     key = jax.random.fold_in(key, state.step)
-    x = augment.to_float(crop_flip(key, batch["image"], block.augment.padding, block.augment.flip_prob))
+    x = augment.to_float(augment.crop_flip(key, batch["image"], block.augment.padding, block.augment.flip_prob))
     in_mask_stage = state.step < mask_steps
     if use_cond:
       return jax.lax.cond(in_mask_stage, mask_stage, joint_stage, state, x, batch["label"])

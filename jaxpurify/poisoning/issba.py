@@ -41,7 +41,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -53,24 +52,6 @@ from jaxpurify.poisoning import checks
 from jaxpurify.train.state import TrainState, apply_gradients, create_state, make_optimizer
 
 PREFIX = "config.poison.issba"
-
-
-def default_config(quick: bool) -> ml_collections.ConfigDict:
-  """config.poison.issba: secret, encoder/decoder widths, loss schedule, optimiser and training (module docstring
-  for the references). quick: 20-bit secret, narrow nets, Adam 1e-3, 12 epochs (digits: 264 steps, about 1 min on 2
-  CPU cores)."""
-  return ml_collections.ConfigDict(dict(
-      secret_length=20 if quick else 100, secret_seed=0,
-      encoder=dict(widths=(8, 16, 32, 32, 32) if quick else (32, 32, 64, 128, 256)),
-      decoder=dict(widths=(8, 8, 16, 16, 16, 32, 32) if quick else (32, 32, 64, 64, 64, 128, 128),
-                   strides=(2, 1, 2, 1, 2, 2, 2), hidden=64 if quick else 512),
-      loss=dict(bce_weight=1.0, l2_weight=10.0, l2_await=0 if quick else 1000, l2_ramp=100 if quick else 3000,
-                l2_start_accuracy=0.9),
-      optim=dict(name="adam", lr=1e-3 if quick else 1e-4, weight_decay=0.0, momentum=0.0, schedule="constant",
-                 warmup_epochs=0),
-      train=dict(batch_size=64, epochs=12 if quick else 20, log_every=10 if quick else 100,
-                 checkpoint_every=100 if quick else 2000, keep_checkpoints=2),
-      attack=dict(batch_size=256)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -46,8 +45,7 @@ from jaxpurify import augment, parallel
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
 from jaxpurify.poisoning import checks
-from jaxpurify.finetune import crop_flip
-from jaxpurify.models import ARCHS, LinearClassifier, build_linear_classifier
+from jaxpurify.models import LinearClassifier, build_linear_classifier, check_name
 from jaxpurify.train.state import TrainState, apply_gradients, create_state, make_optimizer
 
 PREFIX = "config.poison.label_consistent"
@@ -58,23 +56,6 @@ QUANTIZE = ("round", "truncate")
 CORNER = np.array([[1, -1, -1],
                    [-1, 1, -1],
                    [1, -1, 1]], np.int8)
-
-
-def default_config(quick: bool) -> ml_collections.ConfigDict:
-  """config.poison.label_consistent: the robust classifier, its PGD adversarial training, the poisoning PGD and the
-  trigger (module docstring for the references). quick (digits, ~2 min on 2 CPU cores): width 8, batch 64, 4-step
-  PGD-AT for 5 epochs, no flips, 20-step poisoning PGD."""
-  return ml_collections.ConfigDict(dict(
-      model=dict(name="resnet18", width=8 if quick else 64, mean=augment.CIFAR10_MEAN, std=augment.CIFAR10_STD),
-      num_classes=10,
-      adv_train=dict(eps=8 / 255, step_size=(2.5 if quick else 2) / 255, steps=4 if quick else 7, random_start=True),
-      augment=dict(padding=4, flip_prob=0.0 if quick else 0.5),
-      optim=dict(name="sgd", lr=0.1, weight_decay=5e-4, momentum=0.9, schedule="cosine", warmup_epochs=0),
-      train=dict(batch_size=64 if quick else 128, epochs=5 if quick else 100, log_every=10 if quick else 50,
-                 checkpoint_every=50 if quick else 2000, keep_checkpoints=2),
-      attack=dict(eps=8 / 255, step_size=1.5 / 255, steps=20 if quick else 100, random_start=False, batch_size=256,
-                  quantize="round"),
-      trigger=dict(amplitude=1.0, test_amplitude=1.0)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,8 +84,7 @@ def _check_pgd(block, field: str) -> None:
 
 def check_config(block, image_size: int) -> None:
   """Fails with one line naming `config.poison.label_consistent.<field>` on a bad value, before any training."""
-  if block.model.name not in ARCHS:
-    raise UserError(f"unknown model {block.model.name!r}; set {PREFIX}.model.name to one of {sorted(ARCHS)}")
+  check_name(block.model.name, f"{PREFIX}.model.name")
   _integer(block.model.width, "model.width", 1)
   for field in ("mean", "std"):
     values = tuple(block.model[field])
@@ -239,7 +219,7 @@ def make_step(graphdef, tx, block):
   def step(state: TrainState, batch, key):
     key = jax.random.fold_in(key, state.step)
     aug_key, start_key = jax.random.split(key)
-    x = augment.to_float(crop_flip(aug_key, batch["image"], block.augment.padding, block.augment.flip_prob))
+    x = augment.to_float(augment.crop_flip(aug_key, batch["image"], block.augment.padding, block.augment.flip_prob))
     attacked = _logits_fn(graphdef, state.params, state.batch_stats, block, train=True)
     adv = jax.lax.stop_gradient(pgd(attacked, x, batch["label"], at.eps, at.step_size, at.steps,
                                     start_key if at.random_start else None))

@@ -1,0 +1,60 @@
+"""Encoder poisoning, BadEncoder or DRUPE (config.attack.mode): the clean encoder (pre-trained here, or
+config.attack.clean_encoder) fine-tuned into a backdoored one, then both evaluated downstream.
+Stages: pretrain (unless a clean encoder is given), attack, evaluate."""
+
+from jaxpurify import encoders, parallel, stages, triggers
+from jaxpurify.attacks import encoder_finetune, references
+from jaxpurify.data import synthetic
+from jaxpurify.errors import UserError
+
+
+def backdoor(config):
+  """(downstream data set, trigger, target) of config.attack: what the evaluation's asr columns measure."""
+  attack = config.attack
+  return attack.downstream, triggers.make_trigger(attack.trigger, config.data.image_size), attack.target
+
+
+def check_downstream(config) -> None:
+  """The attack's trigger builds, its downstream set is evaluated and its clean encoder (if given) loads."""
+  attack = config.attack
+  if "trigger" in attack:  # threat 3's encoder attack takes the data attack's trigger
+    triggers.make_trigger(attack.trigger, config.data.image_size)
+  if attack.downstream not in config.evaluate.datasets:
+    raise UserError(f"the attack's downstream set {attack.downstream!r} is not evaluated; add it to "
+                    "config.evaluate.datasets")
+  if attack.get("clean_encoder"):
+    encoders.load_backbone(attack.clean_encoder, config.model, parallel.make_mesh(config.mesh))
+
+
+def check(config) -> None:
+  """The mode, the shadow fraction, the downstream set and the references of config.attack."""
+  attack = config.attack
+  if attack.mode not in encoder_finetune.MODES:
+    raise UserError(f"unknown encoder attack {attack.mode!r}; set config.attack.mode to one of "
+                    f"{', '.join(encoder_finetune.MODES)}")
+  check_downstream(config)
+  if not 0 < attack.shadow_fraction <= 1:
+    raise UserError(f"shadow fraction {attack.shadow_fraction} is not in (0, 1]; set config.attack.shadow_fraction")
+  downstream = stages.load_data(config, attack.downstream, "train")
+  references.choose(downstream, attack.target, attack.num_references, config.seed, attack.reference_file)
+
+
+def run(run, mesh) -> dict:
+  """clean encoder (pretrain or a checkpoint) -> BadEncoder/DRUPE fine-tuning -> evaluate both encoders."""
+  config = run.config
+  clean = stages.clean_encoder(run, config, mesh, config.attack.clean_encoder)
+  poisoned = stages.attack_encoder(run, "attack", config, clean, mesh)
+  return stages.evaluate_encoders(run, "evaluate", {"clean": clean, "poisoned": poisoned}, config, mesh,
+                                  backdoor(config))
+
+
+def bench_step(config, mesh):
+  """The BadEncoder/DRUPE step on an untrained clean encoder and synthetic shadow images and references."""
+  attack, size = config.attack, config.data.image_size
+  clean = parallel.put_replicated(encoders.build_backbone(config.model, config.seed), mesh)
+  shadow = synthetic.images(synthetic.BENCH_BATCHES * attack.train.batch_size, size)
+  refs = synthetic.images(attack.num_references, size)
+  state, step, _ = stages.attack_training(config, clean, len(shadow), mesh)
+  batch_fn = stages.attack_batches(config, clean, shadow, refs, mesh)
+  what = f"shadow, triggered and {attack.num_references} x augmented-reference images each"
+  return state, step, batch_fn, attack.train.batch_size, what

@@ -1,0 +1,67 @@
+"""Pre-training experiments end to end, in-process: the tiny SimCLR run's files, a finished run recomputing
+nothing, a corrupt checkpoint, MoCo and BYOL."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from helpers import cli_main, run_experiment
+
+pytestmark = pytest.mark.integration
+
+
+def read(workdir, name):
+  with open(os.path.join(workdir, name)) as f:
+    return json.load(f) if name.endswith(".json") else [json.loads(line) for line in f]
+
+
+def test_tiny_run_writes_results(clean_run):
+  workdir, out = clean_run
+  results = read(workdir, "results.json")
+  assert results["experiment"] == "pretrain"
+  row = results["evaluations"]["clean/digits"]
+  assert set(row) == {"acc", "acc_knn"}
+  assert 0.3 < row["acc"] <= 1.0  # well above the 0.1 of chance, even for this tiny run
+  assert "| clean/digits |" in out
+  metrics = read(workdir, "pretrain/metrics.jsonl")
+  assert [m["step"] for m in metrics] == list(range(4, 45, 4))  # 1437 // 64 = 22 steps per epoch
+  assert {"loss", "l2_grads", "l2_params", "l2_updates", "images_per_s"} <= set(metrics[-1])
+  assert read(workdir, "config.json")["pretrain"]["train"]["epochs"] == 2
+
+
+def test_rerun_of_a_finished_run_recomputes_nothing(clean_run):
+  workdir, _ = clean_run
+  before = os.path.getmtime(os.path.join(workdir, "pretrain", "metrics.jsonl"))
+  evaluations, out = run_experiment("simclr:tiny", workdir)
+  assert os.path.getmtime(os.path.join(workdir, "pretrain", "metrics.jsonl")) == before
+  assert evaluations == read(workdir, "results.json")["evaluations"] and "| clean/digits |" in out
+
+
+def test_corrupt_checkpoint_is_one_line(clean_run, tmp_path):
+  workdir = str(tmp_path / "corrupt")
+  shutil.copytree(clean_run[0], workdir)
+  os.remove(os.path.join(workdir, "evaluate", "done.json"))
+  ckpt = os.path.join(workdir, "pretrain", "ckpt")
+  for step in os.listdir(ckpt):
+    for dirpath, _, files in os.walk(os.path.join(ckpt, step)):
+      for name in files:
+        with open(os.path.join(dirpath, name), "wb") as f:
+          f.write(b"garbage")
+  status, lines, _ = cli_main("--config", "configs/simclr.py:tiny", "--workdir", workdir)
+  assert status == 2, lines
+  assert len(lines) == 1 and lines[0].startswith("error:") and "corrupt" in lines[0], lines
+
+
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_tiny_pretraining_with_another_ssl_method(tmp_path, method):
+  workdir = str(tmp_path / method)
+  evaluations, _ = run_experiment(f"{method}:tiny", workdir, "pretrain.train.epochs=1")
+  assert read(workdir, "results.json")["experiment"] == "pretrain"
+  assert read(workdir, "config.json")["pretrain"]["method"] == method
+  assert 0.3 < evaluations["clean/digits"]["acc"] <= 1.0
+  metrics = read(workdir, "pretrain/metrics.jsonl")
+  assert [m["step"] for m in metrics] == [4, 8, 12, 16, 20, 22]  # one epoch of 1437 // 64 steps
+  assert all(math.isfinite(m["loss"]) for m in metrics)

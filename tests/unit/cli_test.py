@@ -1,0 +1,150 @@
+"""Config language, overrides and workdir identity: every bad input is one line and exit status 2."""
+
+import io
+import json
+import os
+import sys
+import subprocess
+import tempfile
+
+from absl.testing import absltest
+
+from configs import common, simclr
+from helpers import ROOT
+from jaxpurify import cli
+from jaxpurify.errors import UserError
+from jaxpurify.pipeline import Run, results_table
+
+
+class ParseArgTest(absltest.TestCase):
+
+  def test_flags_values_and_types(self):
+    arg = common.parse_arg("quick,n=3,name=svhn", quick=False, n=1, name="cifar10")
+    self.assertEqual((arg.quick, arg.n, arg.name), (True, 3, "svhn"))
+    self.assertEqual(common.parse_arg("svhn", name="cifar10").name, "svhn")  # bare value fills the first key
+
+  def test_unknown_key_and_bad_type(self):
+    with self.assertRaisesRegex(ValueError, "unknown config argument 'fast'"):
+      common.parse_arg("fast", quick=False)
+    with self.assertRaisesRegex(ValueError, "not a int"):
+      common.parse_arg("n=x", n=1)
+
+
+class CliTest(absltest.TestCase):
+
+  def error_of(self, argv):
+    """Runs cli.main in-process; returns (exit status, stderr lines)."""
+    with _Capture() as cap:
+      status = cli.main(argv)
+    return status, cap.lines
+
+  def test_overrides_are_typed_and_checked(self):
+    args = cli.parse_argv(["--config", "configs/simclr.py:quick", "--config.pretrain.optim.lr=0.1",
+                           "--config.pretrain.train.epochs", "3", "--config.evaluate.monitors=('knn',)",
+                           "--config.data.name=gtsrb", "--config.model.width=16", "--workdir", "w"])
+    self.assertEqual((args.config, args.arg, args.workdir, args.distributed),
+                     ("configs/simclr.py", "quick", "w", False))
+    config = cli.load_config(args.config, args.arg, args.overrides)
+    self.assertEqual((config.pretrain.optim.lr, config.pretrain.train.epochs, config.evaluate.monitors,
+                      config.data.name, config.model.width), (0.1, 3, ("knn",), "gtsrb", 16))
+    self.assertEqual(cli.load_config("configs/simclr.py", "quick", ["--config.pretrain.optim.lr=1"]).pretrain.optim.lr,
+                     1.0)  # an int where a float is expected
+    with self.assertRaisesRegex(UserError, "^unknown config key 'pretrain.optim.lr_rate'; keys under "
+                                "pretrain.optim: lr, momentum, name, schedule, warmup_epochs, weight_decay$"):
+      cli.load_config("configs/simclr.py", "quick", ["--config.pretrain.optim.lr_rate=0.1"])
+    with self.assertRaisesRegex(UserError, "^unknown config key 'pretrain.optim.lr.x'; pretrain.optim.lr is a value"):
+      cli.load_config("configs/simclr.py", "quick", ["--config.pretrain.optim.lr.x=0.1"])
+    with self.assertRaisesRegex(UserError, "^--config.pretrain.train.epochs='ten': .*; fix the value's type$"):
+      cli.load_config("configs/simclr.py", "quick", ["--config.pretrain.train.epochs='ten'"])
+    with self.assertRaisesRegex(UserError, "^--config.pretrain.train.epochs=2.5: .*; fix the value's type$"):
+      cli.load_config("configs/simclr.py", "quick", ["--config.pretrain.train.epochs=2.5"])
+
+  def test_loading_a_config_imports_no_jax(self):
+    code = ("import sys; from jaxpurify import cli; c = cli.load_config('configs/tcore.py', "
+            "'threat=3,attack=blended,quick', ['--config.seed=3']); assert c.seed == 3; "
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib', 'flax'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    self.assertEqual(out.stdout.strip(), "[]", out.stderr)
+
+  def test_config_is_locked(self):
+    config = cli.load_config("configs/simclr.py", None)
+    with self.assertRaises(AttributeError):
+      config.new_field = 1
+
+  def test_bad_inputs_print_one_line_and_exit_2(self):
+    cases = {
+        ("--config", "configs/nope.py"): "does not exist",
+        ("--config", "configs/simclr.py:fast"): "unknown config argument",
+        ("--config", "configs/simclr.py:quick", "--config.pretrain.train.epochs=x"): "fix the value's type",
+        ("--config", "configs/simclr.py:quick", "--config.data.name=mnist"): "unknown data set",
+        ("--config", "configs/simclr.py:quick", "--config.model.name=vgg"): "unknown model",
+        ("--config", "configs/simclr.py:quick", "--bogus"): "unknown argument",
+        (): "--config is required",
+    }
+    for argv, message in cases.items():
+      status, lines = self.error_of(list(argv))
+      self.assertEqual(status, 2, argv)
+      self.assertLen(lines, 1, argv)
+      self.assertIn(message, lines[0].lower() if message.islower() else lines[0], argv)
+
+  def test_default_workdir(self):
+    self.assertEqual(cli.default_workdir("configs/simclr.py", None), os.path.join("runs", "simclr"))
+    self.assertEqual(cli.default_workdir("configs/simclr.py", "quick,n=2"), os.path.join("runs", "simclr-quick-n=2"))
+
+
+class _Capture:
+  """Collects what is printed to stderr."""
+
+  def __enter__(self):
+    self._old, self._buf = sys.stderr, io.StringIO()
+    sys.stderr = self._buf
+    return self
+
+  def __exit__(self, *exc):
+    sys.stderr = self._old
+    self.lines = [line for line in self._buf.getvalue().splitlines() if line.strip()]
+
+
+class WorkdirTest(absltest.TestCase):
+
+  def tempdir(self) -> str:
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    return tmp.name
+
+  def test_workdir_of_another_config_is_refused_and_untouched(self):
+    workdir = self.tempdir()
+    Run(simclr.get_config("quick"), workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = f.read()
+    other = simclr.get_config("quick")
+    other.pretrain.optim.lr = 0.5
+    with self.assertRaisesRegex(UserError, r"different config \(differs in pretrain.optim.lr\)"):
+      Run(other, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+      self.assertEqual(f.read(), saved)
+    Run(simclr.get_config("quick"), workdir)  # the same config resumes
+
+  def test_non_run_directory_is_refused(self):
+    workdir = self.tempdir()
+    with open(os.path.join(workdir, "notes.txt"), "w") as f:
+      f.write("mine")
+    with self.assertRaisesRegex(UserError, "holds no jaxpurify run"):
+      Run(simclr.get_config("quick"), workdir)
+
+  def test_stage_records_and_results(self):
+    workdir = self.tempdir()
+    run = Run(simclr.get_config("quick"), workdir)
+    self.assertIsNone(run.done("pretrain"))
+    run.finish("pretrain", {"steps": 3})
+    self.assertEqual(run.done("pretrain"), {"steps": 3})
+    run.write_results({"clean/digits": {"acc": 0.5, "asr": 0.25}})
+    with open(os.path.join(workdir, "results.json")) as f:
+      results = json.load(f)
+    self.assertEqual(results["evaluations"], {"clean/digits": {"acc": 0.5, "asr": 0.25}})
+    self.assertEqual(results["experiment"], "pretrain")
+    self.assertIn("| clean/digits | 50.00 | 25.00 |", results_table(results["evaluations"]))
+
+
+if __name__ == "__main__":
+  absltest.main()
