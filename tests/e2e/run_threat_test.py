@@ -10,7 +10,7 @@ import pytest
 from helpers import cli_main, run_experiment
 from jaxpurify.poisoning import registry
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("e2e")]  # one worker: the session fixtures
 THREAT_STAGES = ["poison", "finetune_clean_ft_all", "finetune_poisoned_ft_all"]
 
 
