@@ -54,8 +54,8 @@ def build(arg: str | None, experiment, **defaults) -> ml_collections.ConfigDict:
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A quick config shrunk to test size, every block it has: ResNet-10 at width 4, 2 pre-training epochs at batch
-  64, a 5-epoch MLP evaluation with the kNN monitor (a 5-epoch linear probe where a monitor asks for it), 2 attack
-  epochs at batch 128, 1-2 epochs of each defense stage, 1 fine-tuning epoch, a few steps of each T-Core stage and
+  64, a 5-epoch MLP evaluation with the kNN monitor (a 5-epoch linear probe where a monitor asks for it), 1 attack
+  epoch at batch 128, 1-2 epochs of each defense stage, 1 fine-tuning epoch, a few steps of each T-Core stage and
   of the attacks' auxiliary models."""
   c.model.update(name="resnet10", width=4)
   c.pretrain.head.dim = 8
@@ -64,7 +64,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.evaluate.mlp.epochs = 5
   c.evaluate.linear.update(epochs=5, milestones=(3, 4))
   if "attack" in c and "train" in c.attack:
-    c.attack.train.update(epochs=2, batch_size=128, log_every=5, checkpoint_every=10)
+    c.attack.train.update(epochs=1, batch_size=128, log_every=5, checkpoint_every=10)
   if "defense" in c:
     c.defense.teacher.epochs, c.defense.student.warmup_epochs = 1, 1
     c.defense.ssl.head.dim = 8

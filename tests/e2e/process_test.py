@@ -11,7 +11,7 @@ import pytest
 
 from helpers import main_py
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("e2e")]  # one worker: the session fixtures
+pytestmark = pytest.mark.integration
 TINY = "configs/simclr.py:tiny"
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import cli_main, run_experiment
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("e2e")]  # one worker: the session fixtures
+pytestmark = pytest.mark.integration
 
 
 def read(workdir, name):

@@ -10,7 +10,7 @@ import pytest
 from helpers import cli_main, run_experiment
 from jaxpurify.poisoning import registry
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("e2e")]  # one worker: the session fixtures
+pytestmark = pytest.mark.integration
 THREAT_STAGES = ["poison", "finetune_clean_ft_all", "finetune_poisoned_ft_all"]
 
 
@@ -55,7 +55,7 @@ def test_tcore_under_threat_2_writes_rows_diagnostics_and_resumes(clean_run, thr
 def test_threat_3_trains_the_encoder_attack_with_the_data_trigger(clean_run, tmp_path):
   workdir = str(tmp_path / "t3")
   evaluations, _ = run_experiment("threat:threat=3,attack=badnets,tiny", workdir, f"clean_encoder={clean_run[0]}",
-                                  "attack.train.epochs=1", "finetune.protocols=('ft_head',)")
+                                  "finetune.protocols=('ft_head',)")
   for stage in ("poison", "attack", "finetune_poisoned_ft_head"):
     assert os.path.exists(os.path.join(workdir, stage, "done.json")), stage
   assert set(evaluations) == {"clean/ft_head", "poisoned/ft_head"}
