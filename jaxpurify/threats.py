@@ -122,19 +122,17 @@ def undefended_rows(run, setting_: Setting, mesh) -> dict:
 def check(config) -> None:
   """Fails fast on a threat config that cannot run: threat number, protocols, attack settings, target."""
   if config.threat not in (1, 2, 3):
-    raise UserError(f"unknown threat {config.threat}; use 1 (poisoned encoder), 2 (poisoned data) or 3 "
-                            "(both)")
+    raise UserError(f"unknown threat {config.threat}; use 1 (poisoned encoder), 2 (poisoned data) or 3 (both)")
   for protocol in config.finetune.protocols:
     if protocol not in finetune.PROTOCOLS:
       raise UserError(f"unknown fine-tuning protocol {protocol!r}; set config.finetune.protocols to some "
-                              f"of {', '.join(finetune.PROTOCOLS)}")
+                      f"of {', '.join(finetune.PROTOCOLS)}")
     parallel.check_global_batch(config.finetune[protocol].train.batch_size,
                                 f"config.finetune.{protocol}.train.batch_size")
   if ("attack" in config) != (config.threat in (1, 3)) or ("poison" in config) != (config.threat in (2, 3)):
-    raise UserError(f"threat {config.threat} needs " + {1: "config.attack and no config.poison",
-                                                                 2: "config.poison and no config.attack",
-                                                                 3: "both config.attack and config.poison"}[
-                                config.threat] + "; build the config with configs/threat.py")
+    needs = {1: "config.attack and no config.poison", 2: "config.poison and no config.attack",
+             3: "both config.attack and config.poison"}[config.threat]
+    raise UserError(f"threat {config.threat} needs {needs}; build the config with configs/threat.py")
   if config.clean_encoder:
     encoders.load_backbone(config.clean_encoder, config.model, parallel.make_mesh(config.mesh),
                            field="config.clean_encoder")
@@ -143,4 +141,4 @@ def check(config) -> None:
     registry.check(config.poison, train.images.shape[1], train.labels)
   if "attack" in config and "poison" in config and config.attack.target != config.poison.target:
     raise UserError(f"threat 3 uses one target class, but config.attack.target is {config.attack.target} "
-                            f"and config.poison.target {config.poison.target}; set them equal")
+                    f"and config.poison.target {config.poison.target}; set them equal")

@@ -1,11 +1,9 @@
 """Every test runs on 8 fake CPU devices, set before JAX is imported, with fast compiles and one persistent
 compilation cache that the test workers and the CLI processes they start share (environment variables, which
-subprocesses inherit); and the groups the two test workers split the suite by."""
+subprocesses inherit)."""
 
 import os
 import tempfile
-
-import pytest
 
 os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,13 +16,3 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-  """Groups for pytest-xdist's `--dist loadgroup` (pyproject.toml): the end-to-end tests form one group, so one
-  worker computes their session fixtures once; every other file is a group of its own, so a module's fixtures
-  are computed once too."""
-  for item in items:
-    path = item.nodeid.split("::")[0]
-    item.add_marker(pytest.mark.xdist_group("e2e" if path.startswith("tests/e2e/") else path))

@@ -39,7 +39,7 @@ def bootstrap(run, config, protocol: str, encoder: Encoder, encoder_mask, images
     if run.done(stage) is None:
       run.finish(stage, {"core": len(core), "steps": num_steps})
   evaluation = finetune.evaluate_classifier(config, graphdef, state, setting.test, setting.trigger, setting.target,
-                                           mesh)
+                                            mesh)
   return evaluation, history
 
 
