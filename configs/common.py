@@ -53,12 +53,14 @@ def build(arg: str | None, experiment, **defaults) -> ml_collections.ConfigDict:
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A quick config shrunk to test size, every block it has: ResNet-10 at width 4, 2 pre-training epochs at batch
-  64, a 5-epoch MLP evaluation with the kNN monitor (a 5-epoch linear probe where a monitor asks for it), 1 attack
-  epoch at batch 128, 1-2 epochs of each defense stage, 1 fine-tuning epoch, a few steps of each T-Core stage and
-  of the attacks' auxiliary models."""
+  """A quick config shrunk to test size, every block it has: ResNet-10 at width 4 (BYOL's heads 16 wide), 2
+  pre-training epochs at batch 64, a 5-epoch MLP evaluation with the kNN monitor (a 5-epoch linear probe where a
+  monitor asks for it), 1 attack epoch at batch 128, 1-2 epochs of each defense stage, 1 fine-tuning epoch, one
+  confusion round and a few steps of each T-Core stage, a few of the attacks' auxiliary models."""
   c.model.update(name="resnet10", width=4)
   c.pretrain.head.dim = 8
+  if "byol" in c.pretrain:
+    c.pretrain.head.hidden = c.pretrain.byol.predictor_hidden = 16
   c.pretrain.train.update(epochs=2, batch_size=64, log_every=4, checkpoint_every=8)
   c.evaluate.monitors = ("knn",)
   c.evaluate.mlp.epochs = 5
@@ -77,8 +79,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.poison.label_consistent.attack.steps = 2
     c.poison.input_aware.train.update(mask_epochs=1, epochs=1)
   if "tcore" in c:
-    rounds = len(c.tcore.expand.ratios)
-    c.tcore.expand.update(iters=(4,) * rounds, pretrain_epochs=(1,) * rounds)
+    e = c.tcore.expand
+    e.update(ratios=e.ratios[:1], lambdas=e.lambdas[:1], lrs=e.lrs[:1], iters=(4,), pretrain_epochs=(1,))
     c.tcore.boot.update(schedule=(0.6,), steps_per_stage=2)
     c.tcore.filter.u_grid = (3.0,)
   return c

@@ -118,7 +118,7 @@ def test_up_and_down_sampling_match_torch_formulas():
 
 def _block():
   block = defaults.input_aware_config(True)
-  block.model.width = 4
+  block.model.update(name="resnet10", width=4)  # the surrogate classifier
   block.num_classes = 3
   block.widths = (4,)
   block.pratio = 0.25  # 4 backdoor rows, 4 cross rows, their 4 sources, 4 clean rows in a batch of 16
