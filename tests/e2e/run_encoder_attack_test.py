@@ -41,7 +41,8 @@ def test_drupe_on_a_pretrained_encoder(clean_run, tmp_path):
 
 def test_ctrl_poisons_the_target_class_and_pretrains_on_it(clean_run, tmp_path):
   workdir = str(tmp_path / "ctrl")
-  evaluations, _ = run_experiment("ctrl:tiny", workdir, f"attack.clean_encoder={clean_run[0]}")
+  evaluations, _ = run_experiment("ctrl:tiny", workdir, f"attack.clean_encoder={clean_run[0]}",
+                                  "pretrain.train.epochs=1")
   positions = read(workdir, "poison/done.json")["poisoned_positions"]
   assert len(positions) == int(0.05 * 1437)
   assert set(evaluations) == {"clean/digits", "poisoned/digits"}

@@ -12,7 +12,7 @@ from jaxpurify import bench
 
 SMALL = ["--config.model.name=resnet10", "--config.model.width=4"]  # one block per stage: fast compiles
 TINY = ["--config", "configs/simclr.py:quick", *SMALL, "--config.pretrain.head.dim=8",
-        "--steps", "2", "--warmup", "1"]
+        "--steps", "2", "--warmup", "0"]
 
 
 def run_bench(*argv):

@@ -7,6 +7,7 @@ from absl.testing import absltest
 
 from configs import byol as byol_config
 from configs import moco as moco_config
+from helpers import assert_trees_close
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
 from jaxpurify.losses import byol_loss, moco_infonce
@@ -69,7 +70,8 @@ def run_two_steps(method, config, tx, graphdef, state, mesh, images):
   return states, losses, metrics
 
 
-def assert_trees_close(test, a, b, atol):
+def assert_leaves_close(test, a, b, atol):
+  """Elementwise, for arrays computed on one device (the EMA updates)."""
   test.assertEqual(jax.tree.structure(a), jax.tree.structure(b))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol)
@@ -167,10 +169,10 @@ class StepsTest(absltest.TestCase):
     state_1 = jax.device_put(jax.device_get(state_8), jax.NamedSharding(self.one, jax.P()))
     states_1, losses_1, _ = run_two_steps(method, config, tx, graphdef, state_1, self.one, self.images)
     states_8, losses_8, metrics = run_two_steps(method, config, tx, graphdef, state_8, self.eight, self.images)
-    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-4)
     # After the first step only: a tiny BYOL net amplifies float noise ~1000x in the next gradient.
-    assert_trees_close(self, states_8[1].params, states_1[1].params, atol=1e-6)
-    assert_trees_close(self, states_8[1].extra, states_1[1].extra, atol=1e-5)  # MoCo's queue holds forward outputs
+    assert_trees_close(states_8[1].params, states_1[1].params)
+    assert_trees_close(states_8[1].extra, states_1[1].extra)  # MoCo's queue holds forward outputs
     self.assertEqual(set(metrics), {"loss", "l2_grads", "l2_params", "l2_updates"})
     self.assertNotEqual(losses_8[0], losses_8[1])  # the step did update the parameters
     return config, states_8
@@ -179,8 +181,8 @@ class StepsTest(absltest.TestCase):
     config, (s0, s1, s2) = self.check_sharded_equals_single_device("moco")
     m = config.pretrain.moco.momentum
     # The key encoder moves towards the query encoder from before each step's update.
-    assert_trees_close(self, s1.extra["target_params"], s0.params, atol=1e-7)
-    assert_trees_close(self, s2.extra["target_params"], moco.momentum_update(s0.params, s1.params, m), atol=1e-7)
+    assert_leaves_close(self, s1.extra["target_params"], s0.params, atol=1e-7)
+    assert_leaves_close(self, s2.extra["target_params"], moco.momentum_update(s0.params, s1.params, m), atol=1e-7)
     # Keys fill the queue in order from 0; what is left is the initial unit-norm noise.
     queue0, queue2 = s0.extra["queue"], s2.extra["queue"]
     self.assertEqual((int(s1.extra["queue_ptr"]), int(s2.extra["queue_ptr"])), (BATCH, 2 * BATCH))
@@ -194,11 +196,11 @@ class StepsTest(absltest.TestCase):
     ema = config.pretrain.byol.ema
     self.assertEqual(set(s0.params), {"backbone", "head", "predictor"})
     self.assertEqual(set(s0.extra["target_params"]), {"backbone", "head"})
-    assert_trees_close(self, s0.extra["target_params"], s0.params.filter(NOT_PREDICTOR), atol=0)
+    assert_leaves_close(self, s0.extra["target_params"], s0.params.filter(NOT_PREDICTOR), atol=0)
     # The target moves towards the online network after each step's update.
     for before, after in ((s0, s1), (s1, s2)):
       expected = moco.momentum_update(before.extra["target_params"], after.params.filter(NOT_PREDICTOR), ema)
-      assert_trees_close(self, after.extra["target_params"], expected, atol=1e-7)
+      assert_leaves_close(self, after.extra["target_params"], expected, atol=1e-7)
 
 if __name__ == "__main__":
   absltest.main()

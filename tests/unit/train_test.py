@@ -4,8 +4,8 @@ import jax
 import numpy as np
 from absl.testing import absltest
 
-from helpers import assert_trees_close
 from configs import simclr as simclr_config
+from helpers import assert_trees_close
 from jaxpurify.data.device import DeviceDataset, epoch_order
 from jaxpurify.ssl import simclr
 from jaxpurify.train.state import create_state, make_optimizer

@@ -12,10 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl.testing import absltest
 
-from helpers import assert_trees_close
 from configs import badencoder as badencoder_config
 from configs import common
 from configs import drupe as drupe_config
+from helpers import assert_trees_close
 from jaxpurify import cli, data, encoders, parallel, triggers
 from jaxpurify.attacks import ctrl, encoder_finetune, references
 from jaxpurify.errors import UserError

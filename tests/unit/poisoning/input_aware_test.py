@@ -15,8 +15,8 @@ from helpers import assert_trees_close
 from jaxpurify import augment, parallel
 from jaxpurify.data.device import epoch_order
 from jaxpurify.errors import UserError
-from jaxpurify.poisoning import input_aware as ia
 from jaxpurify.poisoning import defaults
+from jaxpurify.poisoning import input_aware as ia
 
 EPSILON = 1e-7  # the reference's `_EPSILON`
 

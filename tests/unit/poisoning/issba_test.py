@@ -10,8 +10,8 @@ from flax import nnx
 from helpers import assert_trees_close
 from jaxpurify import parallel
 from jaxpurify.errors import UserError
-from jaxpurify.poisoning import issba
 from jaxpurify.poisoning import defaults
+from jaxpurify.poisoning import issba
 
 
 def _tiny(**overrides):

@@ -12,8 +12,8 @@ import pytest
 from helpers import assert_trees_close
 from jaxpurify import parallel
 from jaxpurify.errors import UserError
-from jaxpurify.poisoning import label_consistent as lc
 from jaxpurify.poisoning import defaults
+from jaxpurify.poisoning import label_consistent as lc
 
 # BackdoorBench `utils/bd_img_transform/lc.py`, trigger "all-corners": ((row, col), value), copied entry by entry.
 BACKDOORBENCH_ALL_CORNERS = [

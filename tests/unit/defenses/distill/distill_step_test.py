@@ -10,8 +10,7 @@ import numpy as np
 from absl.testing import absltest
 from flax import nnx
 
-from helpers import assert_trees_close
-from helpers import cli_main, config as load
+from helpers import assert_trees_close, cli_main, config as load
 from jaxpurify import encoders, experiments, losses, parallel, stages
 from jaxpurify.defenses.distill import step as distill
 from jaxpurify.defenses.distill import training as defense_stages

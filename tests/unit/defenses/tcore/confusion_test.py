@@ -11,8 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
-from helpers import assert_trees_close
 from configs import tcore as tcore_config
+from helpers import assert_trees_close
 from jaxpurify import augment, finetune, parallel
 from jaxpurify.defenses import tcore
 from jaxpurify.defenses.tcore import bootstrap, confusion
