@@ -25,6 +25,8 @@ USAGE = ("usage: python -m jaxpurify.ablate --config configs/NAME.py[:ARGS] "
 
 
 def main(argv: list[str]) -> int:
+  if cli.wants_help(argv, USAGE):
+    return 0
   try:
     args, grid = list(argv), "oat"
     for i, item in enumerate(args):

@@ -168,6 +168,8 @@ def report(r: dict, config_name: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+  if cli.wants_help(argv, USAGE):
+    return 0
   try:
     args = parse_argv(argv)
     config = cli.load_config(args.config, args.arg, args.overrides)

@@ -47,8 +47,6 @@ def parse_argv(argv: list[str], usage: str = USAGE, extra_flags: dict | None = N
   args = list(argv)
   while args:
     item = args.pop(0)
-    if item in ("-h", "--help"):
-      raise UserError(usage)
     name, eq, value = _flag_name(item), "=" in item, item.partition("=")[2]
     if not item.startswith("--") or not (name in ("config", "distributed") or name in extra_flags
                                          or name.startswith("config.") or (name == "workdir" and takes_workdir)):
@@ -75,6 +73,15 @@ def parse_argv(argv: list[str], usage: str = USAGE, extra_flags: dict | None = N
     raise UserError(f"--config is required; {usage}")
   path, _, arg = config.partition(":")
   return Args(path, arg or None, workdir, overrides, distributed, extra)
+
+
+def wants_help(argv: list[str], usage: str) -> bool:
+  """Prints the usage and the config files, and says so, when argv asks for help (-h, --help)."""
+  if not any(item in ("-h", "--help") for item in argv):
+    return False
+  print(f"{usage}\n\nconfigs: {', '.join(known_configs()) or 'none found in configs/'} (each takes quick and tiny; "
+        "its docstring shows its arguments)")
+  return True
 
 
 def known_configs(directory: str = "configs") -> list[str]:
@@ -144,6 +151,8 @@ def default_workdir(path: str, arg: str | None) -> str:
 
 
 def main(argv: list[str]) -> int:
+  if wants_help(argv, USAGE):
+    return 0
   try:
     args = parse_argv(argv)
     config = load_config(args.config, args.arg, args.overrides)

@@ -1,10 +1,11 @@
 """Config language, overrides and workdir identity: every bad input is one line and exit status 2."""
 
+import contextlib
 import io
 import json
 import os
-import sys
 import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -86,6 +87,14 @@ class CliTest(absltest.TestCase):
       self.assertEqual(status, 2, argv)
       self.assertLen(lines, 1, argv)
       self.assertIn(message, lines[0].lower() if message.islower() else lines[0], argv)
+
+  def test_help_prints_the_usage_and_the_configs(self):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      self.assertEqual(cli.main(["--help"]), 0)
+    self.assertTrue(out.getvalue().startswith("usage: python main.py --config"))
+    self.assertIn("configs/distill.py", out.getvalue())
+    self.assertNotIn("configs/common.py", out.getvalue())  # it defines no get_config
 
   def test_default_workdir(self):
     self.assertEqual(cli.default_workdir("configs/simclr.py", None), os.path.join("runs", "simclr"))

@@ -319,7 +319,7 @@ class MonitorTest(absltest.TestCase):
 
 
 class DefenseInputTest(absltest.TestCase):
-  """Bad defense settings are refused by check_inputs, before any stage runs."""
+  """Bad defense settings are refused by experiments.check, before any stage runs."""
 
   def test_bad_defense_inputs(self):
     cases = {
