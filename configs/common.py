@@ -87,8 +87,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def mesh():
-  """Data parallelism over every device; add e.g. ('fsdp', n) here later."""
-  return [("data", -1)]
+  """Data parallelism over every device (a tuple, so `--config.mesh="(('data', 4),)"` overrides it)."""
+  return (("data", -1),)
 
 
 def augment(crop_scale=(0.08, 1.0)):
@@ -183,10 +183,11 @@ def trigger(kind: str) -> ml_collections.ConfigDict:
   """The `config.attack.trigger` block of `kind` with its defaults (jaxpurify.triggers.make_trigger).
 
   patch: BadEncoder's white 10×10 at (21, 21). patch_file: BadEncoder's file format, path to set. ctrl: CTRL's
-  README command (`--channel 1 2 --trigger_position 15 31 --magnitude 100 --window_size 32`).
+  README command (`--channel 1 2 --trigger_position 15 31 --magnitude 100 --window_size 32`). The patch block also
+  has `path`, so that `--config.attack.trigger.kind=patch_file --config.attack.trigger.path=FILE` switches to a file.
   """
   if kind == "patch":
-    fields = dict(size=10, position=(21, 21), pattern="white", seed=0)
+    fields = dict(size=10, position=(21, 21), pattern="white", seed=0, path="")
   elif kind == "patch_file":
     fields = dict(path="")
   elif kind == "ctrl":

@@ -27,7 +27,9 @@ USAGE = ("usage: python -m jaxpurify.ablate --config configs/NAME.py[:ARGS] "
 def main(argv: list[str]) -> int:
   if cli.wants_help(argv, USAGE):
     return 0
-  try:
+  where = {}
+
+  def body():
     args, grid = list(argv), "oat"
     for i, item in enumerate(args):
       name, eq, value = item.partition("=")
@@ -46,7 +48,7 @@ def main(argv: list[str]) -> int:
       raise UserError(f"experiment {config.experiment!r} has no ablation; ablations exist for "
                       f"{', '.join(ablated)} (configs/{'.py, configs/'.join(ablated)}.py)")
     suffix = "-" + parsed.arg if parsed.arg else ""
-    workdir = parsed.workdir or os.path.join("runs", experiment.ABLATION_NAME + suffix)
+    where["workdir"] = workdir = parsed.workdir or os.path.join("runs", experiment.ABLATION_NAME + suffix)
     rows, text, title = experiment.ablate(config, workdir, grid)
     title += f" ({parsed.arg or 'default'})"
     if jax.process_index() == 0:
@@ -55,11 +57,8 @@ def main(argv: list[str]) -> int:
       with open(os.path.join(workdir, "ablation.md"), "w", encoding="utf-8") as f:
         f.write(f"# {title}\n\n{text}\n")
       print(f"\n{text}\n\ntable: {workdir}/ablation.md")
-    return 0
-  except UserError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
+  return cli.guarded(body, lambda: where.get("workdir"))
 
 if __name__ == "__main__":
   sys.exit(main(sys.argv[1:]))

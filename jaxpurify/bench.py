@@ -170,7 +170,8 @@ def report(r: dict, config_name: str) -> str:
 def main(argv: list[str]) -> int:
   if cli.wants_help(argv, USAGE):
     return 0
-  try:
+
+  def body():
     args = parse_argv(argv)
     config = cli.load_config(args.config, args.arg, args.overrides)
     result = measure(config, args.extra["steps"], args.extra["warmup"])
@@ -182,11 +183,8 @@ def main(argv: list[str]) -> int:
           json.dump({"config": name, **result}, f, indent=2)
       except OSError as err:
         raise UserError(f"cannot write --json {path}: {err.strerror}; choose a writable path") from None
-    return 0
-  except UserError as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
+  return cli.guarded(body)
 
 if __name__ == "__main__":
   sys.exit(main(sys.argv[1:]))

@@ -5,16 +5,19 @@ The flags are absl flags and the config is `ml_collections.config_flags`' (the `
 `error: ...` line on stderr and exit status 2, never a traceback. Loading a config imports no JAX.
 """
 
+import contextlib
 import os
 import re
 import sys
+import tempfile
+import traceback
 from typing import NamedTuple
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxpurify.errors import UserError
+from jaxpurify.errors import Stopped, UserError
 
 USAGE = ("usage: python main.py --config configs/NAME.py[:key=val,flag] [--workdir DIR] "
          "[--config.a.b=value ...] [--distributed]")
@@ -55,8 +58,8 @@ def parse_argv(argv: list[str], usage: str = USAGE, extra_flags: dict | None = N
       distributed = True
       continue
     if not eq:
-      if not args:
-        raise UserError(f"--{name} needs a value; {usage}")
+      if not args or args[0].startswith("--"):
+        raise UserError(f"--{name} needs a value; write --{name}=VALUE")
       value = args.pop(0)
       item = f"--{name}={value}"
     if name == "config":
@@ -150,23 +153,61 @@ def default_workdir(path: str, arg: str | None) -> str:
   return os.path.join("runs", f"{name}-{suffix}" if suffix else name)
 
 
-def main(argv: list[str]) -> int:
-  if wants_help(argv, USAGE):
-    return 0
+def guarded(body, workdir=lambda: None, distributed: bool = False) -> int:
+  """Runs `body()` as a command -> its exit status (docs/guarantees.md): 0 when it returns; 2 with one `error:`
+  line for bad input; 130 (SIGINT) or 143 (SIGTERM, preemption) with one line, after a training loop saved its
+  step; 1 with one line and a log holding the traceback for anything unexpected (a bug). `workdir()` names the
+  run's workdir once known (where the log goes); SIGTERM and SIGINT are handled unless `distributed`."""
+  from jaxpurify.train import signals  # pylint: disable=g-import-not-at-top
   try:
-    args = parse_argv(argv)
-    config = load_config(args.config, args.arg, args.overrides)
-    if args.distributed or os.environ.get("JAXPURIFY_DIST"):
-      import jax  # pylint: disable=g-import-not-at-top
-      if not jax.distributed.is_initialized():
-        jax.distributed.initialize()  # must precede every other JAX call
-    workdir = args.workdir or default_workdir(args.config, args.arg)
-    from jaxpurify import experiments  # pylint: disable=g-import-not-at-top
-    experiments.run(config, workdir)
+    with contextlib.nullcontext() if distributed else signals.installed():
+      body()
     return 0
   except UserError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
+  except Stopped as err:
+    print(err, file=sys.stderr)
+    return err.status
   except KeyboardInterrupt:
     print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
     return 130
+  except Exception as err:  # noqa: BLE001  (anything else is a bug: one line and a log)
+    log = write_traceback(workdir())
+    print(f"error: unexpected {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''} (a bug in "
+          f"jaxpurify; the traceback is in {log}, please report it)", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str]) -> int:
+  """`python main.py ...`: the experiment of the config run (or resumed) in its workdir; exit statuses of
+  `guarded`."""
+  if wants_help(argv, USAGE):
+    return 0
+  where = {}
+  distributed = "--distributed" in argv or bool(os.environ.get("JAXPURIFY_DIST"))
+
+  def body():
+    args = parse_argv(argv)
+    config = load_config(args.config, args.arg, args.overrides)
+    if args.distributed or distributed:
+      import jax  # pylint: disable=g-import-not-at-top
+      if not jax.distributed.is_initialized():
+        jax.distributed.initialize()  # must precede every other JAX call
+    where["workdir"] = args.workdir or default_workdir(args.config, args.arg)
+    from jaxpurify import experiments  # pylint: disable=g-import-not-at-top
+    experiments.run(config, where["workdir"])
+
+  return guarded(body, lambda: where.get("workdir"), distributed)
+
+
+def write_traceback(workdir: str | None) -> str:
+  """Writes the current exception's traceback to the run's error.log (a claimed workdir), else to a file in the
+  temporary folder, so that a workdir given back after a failed start stays empty; -> the log's path."""
+  if workdir and os.path.exists(os.path.join(workdir, "config.json")):
+    path = os.path.join(workdir, "error.log")
+  else:
+    path = os.path.join(tempfile.gettempdir(), f"jaxpurify-error-{os.getpid()}.log")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(traceback.format_exc())
+  return path

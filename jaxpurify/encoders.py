@@ -5,6 +5,7 @@ evaluation reads its pooled feature. It comes from a pre-training state or from 
 """
 
 import functools
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -17,6 +18,7 @@ from flax import nnx
 from jaxpurify import augment, parallel
 from jaxpurify.errors import UserError
 from jaxpurify.models import build_encoder
+from jaxpurify.train import checkpoint
 
 
 class Encoder(NamedTuple):
@@ -76,6 +78,25 @@ def find_checkpoint(path: str, stages=CLEAN_STAGES, field: str = "config.attack.
                   "or to one of its stages' ckpt folders")
 
 
+def finished_step(directory: str, field: str) -> int:
+  """The step to read from a ckpt folder: the one its stage's done.json records (a bare ckpt folder: its latest);
+  UserError for an unfinished stage or a step without orbax's commit marker."""
+  stage_dir = os.path.dirname(directory)
+  done = os.path.join(stage_dir, "done.json")
+  if os.path.exists(done):
+    with open(done, encoding="utf-8") as f:
+      step = json.load(f).get("steps")
+  elif os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
+    raise UserError(f"the stage at {stage_dir} is not finished (no done.json); re-run its command to finish it, or "
+                    f"point {field} to a finished run")
+  else:
+    step = ocp.CheckpointManager(directory).latest_step()
+  if step is None or not checkpoint.committed(directory, step):
+    raise UserError(f"checkpoint {directory}/{step} is missing or incomplete (no {checkpoint.COMMIT_MARKER}); "
+                    f"re-run the command that made it to finish that stage, or point {field} to a finished run")
+  return step
+
+
 def _match(expected, stored, where: str, directory: str, model_config):
   """`stored` (orbax's nested dicts, string keys) rearranged into `expected`'s pure-dict structure."""
   if not isinstance(expected, dict):
@@ -95,14 +116,14 @@ def _match(expected, stored, where: str, directory: str, model_config):
 
 def load_backbone(path: str, model_config, mesh, stages=CLEAN_STAGES,
                   field: str = "config.attack.clean_encoder") -> Encoder:
-  """The backbone of the latest checkpoint under `path` (see find_checkpoint), replicated over `mesh`.
+  """The backbone of the finished checkpoint under `path` (find_checkpoint, finished_step), replicated over `mesh`.
 
   Reads a pre-training state of any SSL method (params/backbone, batch_stats/backbone) or an encoder attack's
   (params and batch_stats are the backbone); refuses, in one line, another architecture than `model_config`.
   """
   directory = os.path.abspath(find_checkpoint(path, stages, field))
+  step = finished_step(directory, field)
   mngr = ocp.CheckpointManager(directory)
-  step = mngr.latest_step()
   try:
     raw = mngr.restore(step, args=ocp.args.StandardRestore())
   except Exception as err:  # orbax raises many types for a damaged checkpoint

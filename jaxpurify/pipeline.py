@@ -4,8 +4,12 @@ A stage is finished when its `done.json` exists; a finished stage is never recom
 writes files.
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
+import socket
 
 import jax
 import ml_collections
@@ -31,32 +35,21 @@ def _write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
+LOCK_FILE = ".lock"
+
+
 class Run:
-  """The workdir of one experiment. Creating it claims the workdir for `config` or refuses."""
+  """The workdir of one experiment. Creating it claims the workdir for `config` (config.json) or refuses, in one
+  line, a workdir that is a file, is not writable, holds another config or holds something else."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config, self.workdir = config, workdir
     self.name = config.experiment
-    saved = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
-    if os.path.exists(saved):
-      with open(saved) as f:
-        try:
-          previous = json.load(f)
-        except json.JSONDecodeError:
-          raise UserError(f"{saved} is not valid JSON; restore it or use a new --workdir") from None
-      if previous != current:
-        a, b = _flatten(previous), _flatten(current)
-        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        raise UserError(f"workdir {workdir} holds a run of a different config (differs in "
-                        f"{', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}); pass another --workdir, "
-                        "or re-run with the config that made it")
-    elif os.path.isdir(workdir) and os.listdir(workdir):
-      raise UserError(f"workdir {workdir} is not empty and holds no jaxpurify run (no config.json); "
-                      "pass an empty or new --workdir")
     if jax.process_index() == 0:
+      _check_claim(workdir, current)
       os.makedirs(workdir, exist_ok=True)
-    _write_json(saved, current)
+    _write_json(os.path.join(workdir, "config.json"), current)
 
   def stage_dir(self, stage: str) -> str:
     path = os.path.join(self.workdir, stage)
@@ -89,6 +82,90 @@ class Run:
       with open(os.path.join(self.workdir, "results.md"), "w") as f:
         f.write(f"# {self.name}\n\n{table}\n")
     return table
+
+
+def _check_claim(workdir: str, current: dict) -> None:
+  """UserError unless `workdir` can hold the run of `current` (a config as JSON): new, empty, or its own run."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"workdir {workdir} is a file; pass a directory (new or an earlier run's) as --workdir")
+  existing = workdir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(os.path.abspath(existing))
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f"cannot write to {existing}; make it writable or pass a --workdir where you can write")
+  saved = os.path.join(workdir, "config.json")
+  if os.path.exists(saved):
+    with open(saved) as f:
+      try:
+        previous = json.load(f)
+      except json.JSONDecodeError:
+        raise UserError(f"{saved} is not valid JSON; restore it or use a new --workdir") from None
+    if previous != current:
+      a, b = _flatten(previous), _flatten(current)
+      diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+      raise UserError(f"workdir {workdir} holds a run of a different config (differs in "
+                      f"{', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}); pass another --workdir, "
+                      "or re-run with the config that made it")
+  elif os.path.isdir(workdir) and set(os.listdir(workdir)) - {LOCK_FILE}:
+    raise UserError(f"workdir {workdir} is not empty and holds no jaxpurify run (no config.json); "
+                    "pass an empty or new --workdir")
+
+
+@contextlib.contextmanager
+def claimed(config: ml_collections.ConfigDict, workdir: str):
+  """The Run of `workdir`, locked for this process while the block runs (process 0 holds the lock).
+
+  A second process on the same workdir is refused in one line naming the holder; a lock left by a dead process
+  is taken over (the operating system releases it). If the block fails before any stage wrote a file into a
+  workdir this call claimed, the workdir is given back as it was, so the corrected command can use it.
+  """
+  if jax.process_index() != 0:
+    yield Run(config, workdir)
+    return
+  _check_claim(workdir, json.loads(config.to_json_best_effort()))
+  new_dir, new_claim = not os.path.exists(workdir), not os.path.exists(os.path.join(workdir, "config.json"))
+  lock_path = os.path.join(workdir, LOCK_FILE)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115  (held open while the run lasts)
+  except OSError as err:
+    raise UserError(f"cannot write workdir {workdir} ({err.strerror}); pass a --workdir where you can write") from None
+  with lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      holder = lock.read().strip() or "another process"
+      raise UserError(f"workdir {workdir} is in use by {holder}; wait for that run to end, or pass another "
+                      "--workdir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    try:
+      yield Run(config, workdir)
+    except BaseException:
+      if new_claim and _untouched(workdir):
+        _give_back(workdir, lock_path, new_dir)
+      raise
+
+
+def _give_back(workdir: str, lock_path: str, new_dir: bool) -> None:
+  """Removes the claim of a failed start: the folder if this start made it, else config.json and the lock."""
+  if new_dir:
+    shutil.rmtree(workdir)
+    return
+  for path in (os.path.join(workdir, "config.json"), lock_path):
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def _untouched(workdir: str) -> bool:
+  """Whether the workdir holds nothing but its claim (config.json, the lock) and empty folders."""
+  for root, _, files in os.walk(workdir):
+    if set(files) - ({"config.json", LOCK_FILE} if root == workdir else set()):
+      return False
+  return True
 
 
 def config_value(config, key: str):

@@ -31,6 +31,16 @@ def train(run, stage, state, step, batch_fn, train_config, num_steps, mesh, seed
                    after_step=after_step)
 
 
+def trained(run, stage: str, state, num_steps: int, train_fn, record: dict | None = None):
+  """The final state of a training stage: restored at exactly the step its done.json records when the stage is
+  finished, else `train_fn()` (-> the state after `num_steps` steps) and the stage marked done with `record`."""
+  if (done := run.done(stage)) is not None:
+    return checkpoint.load_step(f"{run.stage_dir(stage)}/ckpt", done["steps"], state, stage)
+  state = train_fn()
+  run.finish(stage, {"steps": num_steps, **(record or {})})
+  return state
+
+
 def pretrain_ssl(run, stage: str, config, mesh, images: np.ndarray | None = None) -> Encoder:
   """Self-supervised pre-training (config.pretrain) on `images` (default: config.data); returns the backbone."""
   if images is None:
@@ -42,11 +52,9 @@ def ssl_stage(run, stage: str, config, images: np.ndarray, mesh, init_backbone: 
   """config.pretrain's method on uint8 `images` [N, H, W, 3], from `init_backbone` if given (a fresh head);
   -> (graphdef, final TrainState), trained here or loaded when the stage is finished."""
   graphdef, state, step, dataset, num_steps = ssl_training(config, images, mesh, init_backbone)
-  if run.done(stage):
-    state = checkpoint.load_latest(f"{run.stage_dir(stage)}/ckpt", state)
-  else:
-    state = train(run, stage, state, step, dataset.batch, config.pretrain.train, num_steps, mesh, config.seed)
-    run.finish(stage, {"steps": num_steps, "examples": dataset.num_examples})
+  state = trained(run, stage, state, num_steps, lambda: train(
+      run, stage, state, step, dataset.batch, config.pretrain.train, num_steps, mesh, config.seed),
+                  {"examples": dataset.num_examples})
   return graphdef, state
 
 
@@ -92,12 +100,9 @@ def attack_encoder(run, stage: str, config, clean: Encoder, mesh, trigger=None) 
   downstream = load_data(config, attack.downstream, "train")
   refs = references.choose(downstream, attack.target, attack.num_references, config.seed, attack.reference_file)
   state, step, num_steps = attack_training(config, clean, len(shadow), mesh, trigger)
-  if run.done(stage):
-    state = checkpoint.load_latest(f"{run.stage_dir(stage)}/ckpt", state)
-  else:
-    batch_fn = attack_batches(config, clean, pretraining.images[shadow], refs, mesh)
-    state = train(run, stage, state, step, batch_fn, attack.train, num_steps, mesh, config.seed)
-    run.finish(stage, {"steps": num_steps, "shadow_examples": len(shadow), "references": len(refs)})
+  state = trained(run, stage, state, num_steps, lambda: train(
+      run, stage, state, step, attack_batches(config, clean, pretraining.images[shadow], refs, mesh), attack.train,
+      num_steps, mesh, config.seed), {"shadow_examples": len(shadow), "references": len(refs)})
   return Encoder(clean.graphdef, state.params, state.batch_stats)
 
 

@@ -17,11 +17,19 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from jaxpurify import data, encoders, finetune, parallel, plots, stages, triggers
+from jaxpurify import (
+  data,
+  encoders,
+  finetune,
+  parallel,
+  plots,
+  stages,
+  triggers,
+  validation,
+)
 from jaxpurify.encoders import Encoder
 from jaxpurify.errors import UserError, moved
 from jaxpurify.poisoning import registry
-from jaxpurify.train import checkpoint
 
 POISONED_FILE = "poisoned_train.npz"
 __getattr__ = moved(__name__, {**{name: f"jaxpurify.finetune.{name}" for name in (
@@ -36,11 +44,8 @@ def poison_model(run, config, split: data.ImageSplit, mesh):
   module, settings = registry.AUXILIARY[block.attack], block[block.attack]
   state, step, batch_fn, num_steps = module.training(settings, split.images, split.labels, block.target, mesh,
                                                      block.seed)
-  if run.done("poison_model"):
-    return checkpoint.load_latest(f"{run.stage_dir('poison_model')}/ckpt", state)
-  state = stages.train(run, "poison_model", state, step, batch_fn, settings.train, num_steps, mesh, block.seed)
-  run.finish("poison_model", {"steps": num_steps})
-  return state
+  return stages.trained(run, "poison_model", state, num_steps, lambda: stages.train(
+      run, "poison_model", state, step, batch_fn, settings.train, num_steps, mesh, block.seed))
 
 
 def poison_data(run, config, split: data.ImageSplit, mesh):
@@ -51,7 +56,7 @@ def poison_data(run, config, split: data.ImageSplit, mesh):
   trigger = registry.test_trigger(block, split.images.shape[1], aux_state)
   path = os.path.join(run.stage_dir("poison"), POISONED_FILE)
   if run.done("poison"):
-    return registry.load(path)[0], trigger
+    return registry.load(path, split, block)[0], trigger
   poisoned = registry.poison(block, split.images, split.labels, mesh, aux_state)
   if jax.process_index() == 0:
     registry.save(path, poisoned, block)
@@ -127,8 +132,6 @@ def check(config) -> None:
     if protocol not in finetune.PROTOCOLS:
       raise UserError(f"unknown fine-tuning protocol {protocol!r}; set config.finetune.protocols to some "
                       f"of {', '.join(finetune.PROTOCOLS)}")
-    parallel.check_global_batch(config.finetune[protocol].train.batch_size,
-                                f"config.finetune.{protocol}.train.batch_size")
   if ("attack" in config) != (config.threat in (1, 3)) or ("poison" in config) != (config.threat in (2, 3)):
     needs = {1: "config.attack and no config.poison", 2: "config.poison and no config.attack",
              3: "both config.attack and config.poison"}[config.threat]
@@ -137,8 +140,14 @@ def check(config) -> None:
     encoders.load_backbone(config.clean_encoder, config.model, parallel.make_mesh(config.mesh),
                            field="config.clean_encoder")
   train = stages.load_data(config, config.finetune.dataset, "train")
+  for protocol in config.finetune.protocols:
+    validation.check_fits(config, f"finetune.{protocol}.train.batch_size", len(train.labels),
+                          f"{train.name} training images")
   if "poison" in config:
     registry.check(config.poison, train.images.shape[1], train.labels)
+    if "train" in config.poison.get(config.poison.attack, {}):
+      validation.check_fits(config, f"poison.{config.poison.attack}.train.batch_size", len(train.labels),
+                            f"{train.name} training images")
   if "attack" in config and "poison" in config and config.attack.target != config.poison.target:
     raise UserError(f"threat 3 uses one target class, but config.attack.target is {config.attack.target} "
                     f"and config.poison.target {config.poison.target}; set them equal")

@@ -28,17 +28,29 @@ def choose(split: ImageSplit, target: int, count: int, seed: int, reference_file
 
 
 def load_file(path: str, shape: tuple[int, ...]) -> np.ndarray:
-  """The images under key `x` of a reference .npz (BadEncoder: [1, 32, 32, 3]; DRUPE: [3, 32, 32, 3])."""
+  """The images under key `x` of a reference .npz (BadEncoder: [1, 32, 32, 3]; DRUPE: [3, 32, 32, 3]) as uint8.
+
+  Accepted: integers in 0..255, floats holding whole numbers in 0..255, and floats in [0, 1], which are scaled by
+  255 and rounded. Anything else is refused in one line that says what the file holds.
+  """
   if not os.path.isfile(path):
     raise UserError(f"reference file {path} does not exist; fix config.attack.reference_file or leave it empty")
   try:
-    with np.load(path) as npz:
+    with np.load(path, allow_pickle=False) as npz:
       images = np.asarray(npz["x"])
   except Exception as err:  # numpy raises several types for a damaged or foreign file
     raise UserError(f"reference file {path} is not an .npz with key 'x' ({type(err).__name__}); fix "
                     "config.attack.reference_file") from None
   images = images.reshape((-1,) + images.shape[-3:]) if images.ndim >= 3 else images
-  if images.shape[1:] != tuple(shape) or images.min() < 0 or images.max() > 255:
-    raise UserError(f"reference file {path} holds images of shape {images.shape[1:]}, the downstream images are "
-                    f"{tuple(shape)} uint8; use references at the data's image size")
+  needs = f"uint8 images [N, {', '.join(map(str, shape))}] (or floats in [0, 1])"
+  numeric = np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)
+  if not numeric or not images.size or images.shape[1:] != tuple(shape):
+    raise UserError(f"reference file {path} holds {images.dtype} {images.shape}; config.attack.reference_file needs "
+                    f"{needs}")
+  if np.issubdtype(images.dtype, np.floating) and np.all(np.isfinite(images)) and 0 <= images.min() \
+      and images.max() <= 1:
+    images = np.round(images * 255.0)
+  if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 255 or np.any(images != np.round(images)):
+    raise UserError(f"reference file {path} holds {images.dtype} values in [{images.min()}, {images.max()}] that are "
+                    f"not pixel values; config.attack.reference_file needs {needs}")
   return images.astype(np.uint8)

@@ -40,8 +40,8 @@ class DeviceDataset:
       raise ValueError(f"arrays of different lengths: {sizes}")
     self.num_examples = next(iter(sizes.values()))
     if batch_size > self.num_examples:
-      raise UserError(f"batch size {batch_size} is larger than the {self.num_examples} examples; "
-                      "lower config.train.batch_size")
+      raise UserError(f"a batch of {batch_size} is larger than the {self.num_examples} examples it is drawn from; "
+                      "lower that stage's batch_size in the config")
     host = {k: v for k, v in arrays.items() if isinstance(v, np.ndarray)}
     self.arrays = {**arrays, **parallel.put_replicated(host, mesh)}
     self.mesh, self.batch_size, self.seed, self.shuffle = mesh, batch_size, seed, shuffle

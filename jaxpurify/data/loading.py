@@ -24,3 +24,10 @@ def ensure_available(name: str, split: str, *, data_dir: str | os.PathLike | Non
   """Raises UserError at once (no reading, no network) unless `load_split(name, split)` can succeed."""
   if catalog.spec(name, split).prepared:
     tfds_source.data_source(name, split, catalog.resolve_data_dir(data_dir))
+
+
+def num_examples(name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> int:
+  """The number of examples of a split, without reading its images (UserError as `ensure_available`)."""
+  if catalog.spec(name, split).prepared:
+    return len(tfds_source.data_source(name, split, catalog.resolve_data_dir(data_dir)))
+  return len(digits.load_digits(split, 8)[1])

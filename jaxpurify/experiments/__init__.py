@@ -16,10 +16,11 @@ from types import ModuleType
 
 import jax
 
-from jaxpurify import data, parallel
+from jaxpurify import data, parallel, validation
 from jaxpurify.errors import UserError
+from jaxpurify.evaluation import PROTOCOLS
 from jaxpurify.models import check_name
-from jaxpurify.pipeline import Run
+from jaxpurify.pipeline import claimed
 from jaxpurify.ssl import METHODS
 
 
@@ -36,16 +37,27 @@ def module(name: str) -> ModuleType:
 
 
 def check_common(config) -> None:
-  """What every experiment needs: a known encoder and pre-training method, and its data sets prepared."""
+  """What every experiment needs: every number in its range, the mesh, a known encoder, pre-training method and
+  evaluation protocols, its data sets prepared, and a pre-training batch no larger than the data."""
+  validation.check(config)
+  parallel.make_mesh(config.mesh)
   check_name(config.model.name)
   if config.pretrain.method not in METHODS:
     raise UserError(f"unknown pre-training method {config.pretrain.method!r}; set config.pretrain.method to one "
                     f"of {', '.join(METHODS)}")
+  for key, protocols in (("evaluate.protocol", (config.evaluate.protocol,)),
+                         ("evaluate.monitors", config.evaluate.monitors)):
+    if unknown := [p for p in protocols if p not in PROTOCOLS]:
+      raise UserError(f"unknown evaluation protocol {unknown[0]!r}; set config.{key} to "
+                      f"{'one' if key.endswith('protocol') else 'some'} of {', '.join(PROTOCOLS)}")
   data_dir = config.data.data_dir or None
   data.ensure_available(config.data.name, config.data.split, data_dir=data_dir)
   for name in config.evaluate.datasets:
     for split in ("train", "test"):
       data.ensure_available(name, split, data_dir=data_dir)
+  validation.check_fits(config, "pretrain.train.batch_size",
+                        data.num_examples(config.data.name, config.data.split, data_dir=data_dir),
+                        f"{config.data.name} {config.data.split} images")
 
 
 def check(config) -> ModuleType:
@@ -60,12 +72,11 @@ def run(config, workdir: str) -> dict:
   """Runs (or resumes) the experiment in `workdir`; prints and returns its evaluations (an experiment may also
   return diagnostics, which go to results.json and results.md beside them)."""
   experiment = check(config)
-  run_ = Run(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
-  with jax.set_mesh(mesh):
+  with claimed(config, workdir) as run_, jax.set_mesh(mesh):
     result = experiment.run(run_, mesh)
-  evaluations, diagnostics = result if isinstance(result, tuple) else (result, None)
-  table = run_.write_results(evaluations, diagnostics)
+    evaluations, diagnostics = result if isinstance(result, tuple) else (result, None)
+    table = run_.write_results(evaluations, diagnostics)
   if jax.process_index() == 0:
     print(f"\n{table}\n\nresults: {workdir}/results.json")
   return evaluations

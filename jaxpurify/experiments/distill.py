@@ -19,6 +19,7 @@ from jaxpurify.errors import UserError
 from jaxpurify.evaluation import PROTOCOLS
 from jaxpurify.experiments import encoder_attack
 from jaxpurify.pipeline import Run, config_value, derived_config, link_stages
+from jaxpurify.ssl import METHODS
 from jaxpurify.train.metrics import read_metrics
 
 ABLATION_NAME = "ablation"
@@ -29,8 +30,6 @@ def check(config) -> None:
   taps, teacher and student kinds and architectures, monitor, checkpoints."""
   encoder_attack.check(config)
   defense, mesh = config.defense, parallel.make_mesh(config.mesh)
-  if not 0 < defense.clean_fraction <= 1:
-    raise UserError(f"clean fraction {defense.clean_fraction} is not in (0, 1]; set config.defense.clean_fraction")
   if defense.subset not in ("first", "random"):
     raise UserError(f"unknown defender subset {defense.subset!r}; set config.defense.subset to 'first' or 'random'")
   count = int(len(stages.load_data(config, config.data.name, config.data.split).images) * defense.clean_fraction)
@@ -38,6 +37,9 @@ def check(config) -> None:
     raise UserError(f"the defender's subset holds {count} images, fewer than one batch of "
                     f"{defense.ssl.train.batch_size}; raise config.defense.clean_fraction or lower "
                     "config.defense.ssl.train.batch_size")
+  if defense.ssl.method not in METHODS:
+    raise UserError(f"unknown self-supervised method {defense.ssl.method!r}; set config.defense.ssl.method to one "
+                    f"of {', '.join(METHODS)}")
   if defense.loss.name not in distill_step.SWITCHES:
     raise UserError(f"unknown distillation loss {defense.loss.name!r}; set config.defense.loss.name to one of "
                     f"{', '.join(distill_step.SWITCHES)}")
@@ -195,8 +197,10 @@ def shared_stages(base, cell) -> list[str]:
 def run_grid(config, workdir: str, grid: str) -> list[dict]:
   """Runs (or resumes) every cell; -> one row per cell with the defended encoder's numbers and deltas."""
   rows, base_dir = [], None
-  for label, overrides in cells(config, grid).items():
-    cell = derived_config(config, overrides)
+  grid_cells = {label: derived_config(config, overrides) for label, overrides in cells(config, grid).items()}
+  for cell in grid_cells.values():  # every cell validated before the first one runs
+    experiments.check(cell)
+  for label, cell in grid_cells.items():
     cell_dir = os.path.join(workdir, label.replace("/", "__").replace(">", ""))
     if base_dir is None:
       base_dir = cell_dir

@@ -2,7 +2,7 @@
 config.attack.clean_encoder) fine-tuned into a backdoored one, then both evaluated downstream.
 Stages: pretrain (unless a clean encoder is given), attack, evaluate."""
 
-from jaxpurify import encoders, parallel, stages, triggers
+from jaxpurify import data, encoders, parallel, stages, triggers, validation
 from jaxpurify.attacks import encoder_finetune, references
 from jaxpurify.data import synthetic
 from jaxpurify.errors import UserError
@@ -33,8 +33,10 @@ def check(config) -> None:
     raise UserError(f"unknown encoder attack {attack.mode!r}; set config.attack.mode to one of "
                     f"{', '.join(encoder_finetune.MODES)}")
   check_downstream(config)
-  if not 0 < attack.shadow_fraction <= 1:
-    raise UserError(f"shadow fraction {attack.shadow_fraction} is not in (0, 1]; set config.attack.shadow_fraction")
+  data_dir = config.data.data_dir or None
+  shadow = encoder_finetune.shadow_indices(data.num_examples(config.data.name, config.data.split, data_dir=data_dir),
+                                           attack.shadow_fraction, config.seed)
+  validation.check_fits(config, "attack.train.batch_size", len(shadow), "shadow images")
   downstream = stages.load_data(config, attack.downstream, "train")
   references.choose(downstream, attack.target, attack.num_references, config.seed, attack.reference_file)
 

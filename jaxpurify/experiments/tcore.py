@@ -71,11 +71,15 @@ def run_cells(config, workdir: str) -> list[dict]:
     raise UserError(f"the ablation removes each component from the full pipeline; leave config.tcore.skip empty "
                     f"(it is {tuple(config.tcore.skip)})")
   rows, base_dir = [], os.path.join(workdir, "full")
+  cells = {}
   for removed in (None,) + tcore.COMPONENTS:
-    cell = config.copy_and_resolve_references()
+    cells[removed] = config.copy_and_resolve_references()
+    if removed is not None:
+      cells[removed].tcore.skip = (removed,)
+    experiments.check(cells[removed])  # every cell validated before the first one runs
+  for removed, cell in cells.items():
     cell_dir = base_dir
     if removed is not None:
-      cell.tcore.skip = (removed,)
       cell_dir = os.path.join(workdir, f"without_{removed}")
       Run(cell, cell_dir)
       link_stages(base_dir, cell_dir, shared_stages(base_dir, removed))

@@ -20,6 +20,7 @@ model (Label-Consistent, ISSBA, Input-aware) train it first: `AUXILIARY[name]` i
 """
 
 import json
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxpurify.data import ImageSplit
 from jaxpurify.errors import UserError
 from jaxpurify.poisoning import input_aware, issba, label_consistent, selection
 from jaxpurify.poisoning.defaults import ATTACKS
@@ -164,11 +166,42 @@ def save(path: str, poisoned: PoisonedSet, block) -> None:
                       **{f"array_{k}": v for k, v in poisoned.arrays.items()})
 
 
-def load(path: str) -> tuple[PoisonedSet, ml_collections.ConfigDict]:
+def load(path: str, train: ImageSplit | None = None, block=None) -> tuple[PoisonedSet, ml_collections.ConfigDict]:
   """(PoisonedSet, the config.poison block that made it) from a file written by `save`, e.g.
-  `<workdir>/poison/poisoned_train.npz`."""
-  with np.load(path) as f:
-    arrays = {k.removeprefix("array_"): f[k] for k in f.files if k.startswith("array_")}
-    poisoned = PoisonedSet(f["images"], f["labels"], f["true_labels"], f["poison"], f["extra"], arrays)
-    block = ml_collections.ConfigDict(json.loads(str(f["config"])))
-  return poisoned, block
+  `<workdir>/poison/poisoned_train.npz`.
+
+  Checked on load (UserError naming the file and what to do): a readable archive with every array, uint8 images
+  [N, H, W, 3], integer labels within the classes and positions within the set; against `train` (the clean
+  training split it was made from) the same N, image size and classes; against `block` (config.poison) the same
+  settings.
+  """
+  fix = f"delete {os.path.dirname(path) or '.'} (the poison stage's folder) and re-run to make the poisoned set again"
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k.removeprefix("array_"): f[k] for k in f.files if k.startswith("array_")}
+      poisoned = PoisonedSet(f["images"], f["labels"], f["true_labels"], f["poison"], f["extra"], arrays)
+      saved = ml_collections.ConfigDict(json.loads(str(f["config"])))
+  except Exception as err:  # numpy and zipfile raise many types for a damaged or foreign file
+    raise UserError(f"{path} cannot be read as a poisoned set ({type(err).__name__}); {fix}") from None
+  images, labels = poisoned.images, poisoned.labels
+  n = len(images)
+  problem = None
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    problem = f"images are {images.dtype} {images.shape}, not uint8 [N, H, W, 3]"
+  elif any(not np.issubdtype(a.dtype, np.integer) for a in (labels, poisoned.true_labels, poisoned.poison,
+                                                              poisoned.extra)):
+    problem = "labels or positions are not integers"
+  elif len(labels) != n or len(poisoned.true_labels) != n:
+    problem = f"{len(labels)} labels for {n} images"
+  elif any(len(a) and (a.min() < 0 or a.max() >= n) for a in (poisoned.poison, poisoned.extra)):
+    problem = f"poison positions outside its {n} images"
+  elif train is not None and (n, images.shape[1]) != (len(train.labels), train.images.shape[1]):
+    problem = (f"{n} images of size {images.shape[1]}, but {train.name} train has {len(train.labels)} of size "
+               f"{train.images.shape[1]}")
+  elif train is not None and len(labels) and (labels.min() < 0 or labels.max() >= train.num_classes):
+    problem = f"labels outside {train.name}'s {train.num_classes} classes"
+  elif block is not None and json.loads(saved.to_json()) != json.loads(block.to_json()):
+    problem = "settings that differ from config.poison"
+  if problem is not None:
+    raise UserError(f"{path} holds {problem}; {fix}")
+  return poisoned, saved

@@ -1,4 +1,6 @@
-"""Thin wrapper over orbax's CheckpointManager: periodic and preemption saves, the last N kept."""
+"""Thin wrapper over orbax's CheckpointManager: periodic and preemption saves, the last N kept, and restores that
+verify what they load: a step folder counts only with orbax's commit marker, and a finished stage restores exactly
+the step its done.json records."""
 
 import os
 
@@ -26,14 +28,48 @@ def restore(mngr: ocp.CheckpointManager, step: int, like):
                     "or use a new --workdir") from None
 
 
-def load_latest(directory: str, like):
-  """The latest checkpoint in `directory` restored like `like`; UserError when there is none."""
+COMMIT_MARKER = "commit_success.txt"
+
+
+def committed(directory: str, step: int) -> bool:
+  """Whether step folder `step` of `directory` was written to the end (orbax's commit marker is there)."""
+  return os.path.isfile(os.path.join(directory, str(step), COMMIT_MARKER))
+
+
+def good_steps(directory: str) -> list[int]:
+  """The committed steps in `directory`, ascending."""
   if not os.path.isdir(directory):
-    raise UserError(f"no checkpoint at {directory}; give the path of a finished stage's ckpt folder")
-  mngr = ocp.CheckpointManager(os.path.abspath(directory))
-  step = mngr.latest_step()
-  if step is None:
-    raise UserError(f"no checkpoint at {directory}; give the path of a finished stage's ckpt folder")
-  state = restore(mngr, step, like)
-  mngr.close()
-  return state
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit() and committed(directory, int(d)))
+
+
+def check_resumable(directory: str, step: int) -> None:
+  """UserError when the latest step folder, which a resume would start from, lacks its commit marker."""
+  if not committed(directory, step):
+    earlier = [s for s in good_steps(directory) if s < step]
+    where = f"step {earlier[-1]}" if earlier else "the start"
+    raise UserError(f"checkpoint {os.path.join(directory, str(step))} is incomplete (no {COMMIT_MARKER}: its save "
+                    f"was cut off); delete that folder and re-run: the stage resumes from {where}")
+
+
+def load_step(directory: str, step: int, like, stage: str):
+  """Step `step` of `directory` (a finished stage's, as its done.json records) restored like `like`.
+
+  Never falls back to another step: a missing, incomplete or unreadable step is a UserError that says how to
+  finish the stage again from its last good checkpoint.
+  """
+  problem = ("is missing" if not os.path.isdir(os.path.join(directory, str(step))) else
+             f"is incomplete (no {COMMIT_MARKER})" if not committed(directory, step) else None)
+  if problem is None:
+    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    try:
+      return mngr.restore(step, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like)))
+    except Exception as err:  # orbax raises many types for a damaged or mismatched checkpoint
+      problem = f"cannot be read ({type(err).__name__})"
+    finally:
+      mngr.close()
+  earlier = [s for s in good_steps(directory) if s < step]
+  stage_dir = os.path.dirname(os.path.abspath(directory))
+  raise UserError(f"stage {stage!r} is marked done at step {step}, but its checkpoint {directory}/{step} {problem}; "
+                  f"delete {stage_dir}/done.json (and that step folder, if it exists) and re-run: the stage "
+                  f"resumes from {f'step {earlier[-1]}' if earlier else 'the start'} and finishes again")

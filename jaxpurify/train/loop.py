@@ -1,5 +1,6 @@
 """The step loop shared by every trainer: resume, log, checkpoint, guard against divergence."""
 
+import signal
 import time
 from collections.abc import Callable
 
@@ -8,12 +9,8 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from jaxpurify.errors import UserError
-from jaxpurify.train import checkpoint
+from jaxpurify.train import checkpoint, signals
 from jaxpurify.train.metrics import MetricWriter, non_finite, to_python
-
-
-class Preempted(UserError):
-  """The run saved a checkpoint after a preemption notice and stopped."""
 
 
 def run_steps(stage_dir: str, stage: str, state, step_fn: Callable, batch_fn: Callable[[int], dict],
@@ -23,17 +20,37 @@ def run_steps(stage_dir: str, stage: str, state, step_fn: Callable, batch_fn: Ca
 
   Resumes from the latest checkpoint in `stage_dir/ckpt`; writes `stage_dir/metrics.jsonl` every
   `log_every` steps (loss, health metrics, images/s); stops with a UserError on a non-finite metric.
-  `after_step(done, state)`, if given, runs after every step (e.g. a periodic evaluation).
+  `after_step(done, state)`, if given, runs after every step (e.g. a periodic evaluation). A SIGTERM or SIGINT
+  (signals.py) or a preemption notice saves the step just finished and raises errors.Stopped.
   Returns the final state, which is also saved.
   """
+  if num_steps < 1:
+    raise ValueError(f"stage {stage!r} has {num_steps} steps; the config checks should have refused it")
   mngr = checkpoint.manager(f"{stage_dir}/ckpt", every=checkpoint_every, keep=keep)
   start = mngr.latest_step()
   if start is not None:
+    checkpoint.check_resumable(f"{stage_dir}/ckpt", start)
     state = checkpoint.restore(mngr, start, state)
   start = start or 0
   writer = MetricWriter(f"{stage_dir}/metrics.jsonl", resume_step=start)
   bar = tqdm(total=num_steps, initial=start, desc=stage, disable=jax.process_index() != 0,
              dynamic_ncols=True, mininterval=1.0)
+  try:
+    with signals.deferred():
+      state = _loop(mngr, writer, bar, stage, state, step_fn, batch_fn, key, start, num_steps, log_every,
+                    images_per_step, after_step)
+  finally:
+    bar.close()
+  if num_steps > start and mngr.latest_step() != num_steps:
+    mngr.save(num_steps, args=ocp.args.StandardSave(state), force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  return state
+
+
+def _loop(mngr, writer, bar, stage, state, step_fn, batch_fn, key, start, num_steps, log_every, images_per_step,
+          after_step):
+  """The steps start..num_steps-1 of run_steps; stops after a step on a signal or a preemption notice."""
   tick, tick_step = time.perf_counter(), start
   for step in range(start, num_steps):
     with jax.profiler.StepTraceAnnotation("train_step", step_num=step):
@@ -54,15 +71,12 @@ def run_steps(stage_dir: str, stage: str, state, step_fn: Callable, batch_fn: Ca
       bar.update(done - bar.n)
     if after_step is not None:
       after_step(done, state)
-    mngr.save(done, args=ocp.args.StandardSave(state), force=done == num_steps)
-    if mngr.reached_preemption(done):
+    received = signals.pending()
+    mngr.save(done, args=ocp.args.StandardSave(state), force=done == num_steps or received is not None)
+    if received is not None or mngr.reached_preemption(done):
       mngr.wait_until_finished()
       mngr.close()
-      raise Preempted(f"stage {stage!r} saved step {done} after a preemption notice; re-run the same "
-                      "command to resume")
-  bar.close()
-  if num_steps > start and mngr.latest_step() != num_steps:
-    mngr.save(num_steps, args=ocp.args.StandardSave(state), force=True)
-  mngr.wait_until_finished()
-  mngr.close()
+      cause = "a preemption notice" if received is None else signal.Signals(received).name
+      raise signals.stopped(f"stopped by {cause}: stage {stage!r} saved step {done} of {num_steps}; re-run the same "
+                            "command to resume", received or signal.SIGTERM)
   return state

@@ -26,6 +26,7 @@ class TrainState:
 
 
 SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adam", "sgd")
 
 
 def learning_rate(optim, num_steps: int, steps_per_epoch: int = 1):

@@ -221,6 +221,9 @@ def make_trigger(trigger_config: ml_collections.ConfigDict, image_size: int) -> 
     return trigger_config[name]
 
   kind = field("kind")
+  if kind != "patch_file" and trigger_config.get("path"):
+    raise UserError(f"{PREFIX}.path is set, but {PREFIX}.kind is {kind!r}; set {PREFIX}.kind=patch_file to use the "
+                    "file, or leave the path empty")
   if kind == "patch":
     trigger = patch_trigger(image_size, field("size"), field("position"), field("pattern"), field("seed"))
   elif kind == "patch_file":

@@ -46,6 +46,30 @@ def test_sigkill_after_first_checkpoint_then_rerun_gives_the_same_results(clean_
   assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
 
 
+def test_sigterm_saves_and_stops_a_second_copy_is_refused_and_the_rerun_gives_the_same_results(clean_run,
+                                                                                                   tmp_path):
+  workdir = str(tmp_path / "terminated")
+  proc = main_py("--config", TINY, "--workdir", workdir)
+  ckpt = os.path.join(workdir, "pretrain", "ckpt")
+  deadline = time.time() + 300
+  while not os.path.exists(os.path.join(workdir, "config.json")):
+    assert proc.poll() is None and time.time() < deadline, "the run did not claim its workdir"
+    time.sleep(0.1)
+  second = main_py("--config", TINY, "--workdir", workdir)
+  _, err = second.communicate(timeout=120)
+  assert second.returncode == 2 and f"is in use by pid {proc.pid} on " in err, err
+  while not (os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):
+    assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  assert "stopped by SIGTERM: stage 'pretrain' saved step" in err and "Traceback" not in err, err[-2000:]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  run_to_end(workdir)
+  assert read(workdir, "results.json") == read(clean_run[0], "results.json")
+
+
 def test_one_device_ends_with_the_same_loss_as_eight(clean_run, tmp_path):
   workdir = str(tmp_path / "one_device")
   run_to_end(workdir, "--config.evaluate.monitors=()", "--config.evaluate.mlp.epochs=1", devices=1)  # losses only

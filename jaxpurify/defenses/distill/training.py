@@ -17,7 +17,6 @@ from jaxpurify import encoders, parallel, stages
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.defenses.distill import step as distill_step
 from jaxpurify.encoders import Encoder
-from jaxpurify.train import checkpoint
 from jaxpurify.train.metrics import MetricWriter, read_metrics
 from jaxpurify.train.state import TrainState, make_optimizer
 
@@ -133,15 +132,15 @@ def distill_student(run, stage: str, config, teacher: Encoder, student, images: 
   defended backbone. Monitored every config.defense.monitor.every_epochs epochs into <stage>/monitor.jsonl."""
   graphdef = student[0]
   state, step, dataset, batch_fn, num_steps = distill_training(config, teacher, student, images, mesh)
-  if run.done(stage):
-    state = checkpoint.load_latest(f"{run.stage_dir(stage)}/ckpt", state)
-  else:
+
+  def train_fn():
     monitor = Monitor(config, graphdef, os.path.join(run.stage_dir(stage), "monitor.jsonl"),
                       dataset.steps_per_epoch, mesh, backdoor)
     monitor.start(state)
-    state = stages.train(run, stage, state, step, batch_fn, config.defense.ssl.train, num_steps, mesh, config.seed,
-                         after_step=monitor)
-    run.finish(stage, {"steps": num_steps, "examples": dataset.num_examples})
+    return stages.train(run, stage, state, step, batch_fn, config.defense.ssl.train, num_steps, mesh, config.seed,
+                        after_step=monitor)
+
+  state = stages.trained(run, stage, state, num_steps, train_fn, {"examples": dataset.num_examples})
   return encoders.backbone_of(graphdef, state)
 
 

@@ -68,11 +68,9 @@ def check(config, labels: np.ndarray, num_classes: int) -> None:
     raise UserError("with both 'sift' and 'expand' in config.tcore.skip there is no trusted core for the channel "
                     "filter and the bootstrapping to start from; keep 'sift' or 'expand'")
   sift.check(t.sift.seeds_per_class, labels, num_classes)
-  if not t.filter.u > 0:
-    raise UserError(f"config.tcore.filter.u is {t.filter.u}; the channel filter's threshold is mean + u * std of "
-                    "a layer's UCLC and needs u > 0 (CLP's default is 3)")
-  if any(not u > 0 for u in t.filter.u_grid):
-    raise UserError(f"config.tcore.filter.u_grid {tuple(t.filter.u_grid)} holds a u <= 0; every u must be > 0")
+  if t.sift.aggregate not in sift.AGGREGATES:
+    raise UserError(f"unknown sift aggregate {t.sift.aggregate!r}; set config.tcore.sift.aggregate to one of "
+                    f"{', '.join(sift.AGGREGATES)}")
   if t.filter.rule not in channels.RULES:
     raise UserError(f"unknown channel-filter rule {t.filter.rule!r}; set config.tcore.filter.rule to one of "
                     f"{', '.join(channels.RULES)}")

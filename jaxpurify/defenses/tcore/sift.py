@@ -94,11 +94,14 @@ def neighbour_ranks(features: jax.Array, labels: jax.Array, chunk_rows: int) -> 
   return rank.reshape(-1)[:n], margin.reshape(-1)[:n]
 
 
+AGGREGATES = ("sum", "max")
+
+
 def sift_scores(ranks: np.ndarray, margins: np.ndarray, aggregate: str) -> tuple[np.ndarray, np.ndarray]:
   """ranks, margins [L, N] -> (primary [N]: the sum or the max of the ranks over depths, per `aggregate`;
   secondary [N]: the margins summed over depths, the tie-break)."""
-  if aggregate not in ("sum", "max"):
-    raise ValueError(f"unknown aggregate {aggregate!r}; use 'sum' or 'max'")
+  if aggregate not in AGGREGATES:
+    raise ValueError(f"unknown aggregate {aggregate!r}; use one of {', '.join(AGGREGATES)}")
   ranks = np.asarray(ranks)
   return ranks.sum(0) if aggregate == "sum" else ranks.max(0), np.asarray(margins).sum(0)
 

@@ -150,8 +150,16 @@ class ReferencesAndCtrlTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "ref.npz")
       np.savez(path, x=np.zeros((1, 16, 16, 3), np.uint8), y=np.array([3]))
-      with self.assertRaisesRegex(UserError, "at the data's image size"):
+      with self.assertRaisesRegex(UserError, r"holds uint8 \(1, 16, 16, 3\); .* needs uint8 images \[N, 8, 8, 3\]"):
         references.choose(split, 3, 1, 0, reference_file=path)
+      np.savez(path, x=np.full((1, 8, 8, 3), 0.5, np.float32))  # floats in [0, 1]: scaled by 255
+      np.testing.assert_array_equal(references.choose(split, 3, 1, 0, reference_file=path), np.full((1, 8, 8, 3), 128))
+      np.savez(path, x=np.full((1, 8, 8, 3), 7.0))  # floats holding pixel values
+      np.testing.assert_array_equal(references.choose(split, 3, 1, 0, reference_file=path), np.full((1, 8, 8, 3), 7))
+      for bad in (np.full((1, 8, 8, 3), 2.5), np.full((1, 8, 8, 3), -1.0), np.full((1, 8, 8, 3), 300)):
+        np.savez(path, x=bad)
+        with self.assertRaisesRegex(UserError, "that are not pixel values"):
+          references.choose(split, 3, 1, 0, reference_file=path)
       np.savez(path, x=np.full((1, 8, 8, 3), 7, np.uint8), y=np.array([3]))
       np.testing.assert_array_equal(references.choose(split, 3, 1, 0, reference_file=path), np.full((1, 8, 8, 3), 7))
 

@@ -5,8 +5,10 @@ import pytest
 
 from configs import threat as threat_config
 from jaxpurify import parallel, triggers
+from jaxpurify.data import ImageSplit
 from jaxpurify.errors import UserError
 from jaxpurify.poisoning import defaults, registry
+
 
 def _data(n=200, size=32, classes=10, seed=0):
   rng = np.random.default_rng(seed)
@@ -78,6 +80,53 @@ def test_saved_set_loads_back_with_its_arrays_and_settings(tmp_path):
   # The saved grid rebuilds the test trigger exactly.
   np.testing.assert_array_equal(triggers.wanet(images[:2], loaded.arrays["grid"]),
                                 registry.test_trigger(block, 32)(images[:2]))
+
+
+def _saved(tmp_path, **changes):
+  """A BadNets set saved to p.npz with arrays replaced by `changes` -> (path, the clean split, the block)."""
+  images, labels = _data()
+  block = _block("badnets")
+  out = registry.poison(block, images, labels, parallel.make_mesh())
+  path = str(tmp_path / "p.npz")
+  registry.save(path, out._replace(**changes), block)
+  return path, ImageSplit(images, labels, 10, "digits", "train"), block
+
+
+def test_load_checks_the_set_against_the_clean_split_and_the_config(tmp_path):
+  path, split, block = _saved(tmp_path)
+  registry.load(path, split, block)
+  other = block.copy_and_resolve_references()
+  other.target = 3
+  with pytest.raises(UserError, match="settings that differ from config.poison; delete .* re-run"):
+    registry.load(path, split, other)
+  smaller = ImageSplit(split.images[:-1], split.labels[:-1], 10, "digits", "train")
+  with pytest.raises(UserError, match=f"{len(split.labels)} images of size 32, but digits train has"):
+    registry.load(path, smaller, block)
+
+
+@pytest.mark.parametrize("changes, problem", [
+    (lambda s: dict(images=s.images.astype(np.float32) / 255), "images are float32"),
+    (lambda s: dict(labels=s.labels.astype(np.float32)), "labels or positions are not integers"),
+    (lambda s: dict(labels=s.labels + 10), "labels outside digits's 10 classes"),
+    (lambda s: dict(poison=s.poison + 10_000), "poison positions outside"),
+])
+def test_load_refuses_a_set_of_the_wrong_kind_in_one_line(tmp_path, changes, problem):
+  images, labels = _data()
+  clean = registry.poison(_block("badnets"), images, labels, parallel.make_mesh())
+  path, split, block = _saved(tmp_path, **changes(clean))
+  with pytest.raises(UserError, match=f"p.npz holds {problem}"):
+    registry.load(path, split, block)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_load_refuses_a_damaged_file_in_one_line(tmp_path, damage):
+  path, split, block = _saved(tmp_path)
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2] if damage == "truncated" else np.random.default_rng(0).bytes(len(data)))
+  with pytest.raises(UserError, match=r"p.npz cannot be read as a poisoned set \(\w+\); delete .* re-run"):
+    registry.load(path, split, block)
 
 
 @pytest.mark.parametrize("change, message", [

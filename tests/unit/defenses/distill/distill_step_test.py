@@ -323,8 +323,8 @@ class DefenseInputTest(absltest.TestCase):
 
   def test_bad_defense_inputs(self):
     cases = {
-        ("defense.clean_fraction=0.0",): "clean fraction 0.0 is not in (0, 1]",
-        ("defense.clean_fraction=1.5",): "clean fraction 1.5 is not in (0, 1]",
+        ("defense.clean_fraction=0.0",): "config.defense.clean_fraction must be in (0, 1], got 0.0",
+        ("defense.clean_fraction=1.5",): "config.defense.clean_fraction must be in (0, 1], got 1.5",
         ("defense.clean_fraction=0.01",): "holds 14 images, fewer than one batch of 64",
         ("defense.subset=last",): "unknown defender subset 'last'",
         ("defense.loss.name=nad",): "unknown distillation loss 'nad'",

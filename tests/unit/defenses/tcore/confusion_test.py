@@ -13,7 +13,7 @@ from flax import nnx
 
 from configs import tcore as tcore_config
 from helpers import assert_trees_close
-from jaxpurify import augment, finetune, parallel
+from jaxpurify import augment, finetune, parallel, validation
 from jaxpurify.defenses import tcore
 from jaxpurify.defenses.tcore import bootstrap, confusion
 from jaxpurify.evaluation.metrics import detection, poison_counts
@@ -147,8 +147,8 @@ def test_tcore_config_wires_threat_protocol_and_components():
 @pytest.mark.parametrize("change, message", [
     ({"skip": ("sift", "expand")}, "no trusted core"),
     ({"skip": ("prune",)}, "unknown T-Core component"),
-    ({"filter.u": 0.0}, "needs u > 0"),
-    ({"filter.u_grid": (2.0, -1.0)}, "u <= 0"),
+    ({"filter.u": 0.0}, "config.tcore.filter.u must be a number above 0"),
+    ({"filter.u_grid": (2.0, -1.0)}, r"config.tcore.filter.u_grid must be a number above 0, got \(2.0, -1.0\)"),
     ({"sift.seeds_per_class": 500}, "seed budget"),
     ({"expand.iters": (10,)}, "one per round"),
 ])
@@ -162,5 +162,6 @@ def test_bad_tcore_settings_fail_in_one_line(change, message):
     block[leaf] = value
   labels = np.repeat(np.arange(10), 100)
   with pytest.raises(UserError, match=message) as err:
+    validation.check_ranges(config)  # what experiments.check runs first
     tcore.check(config, labels, 10)
   assert "\n" not in str(err.value)

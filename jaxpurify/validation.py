@@ -1,0 +1,101 @@
+"""Every number of a config checked against its range before anything runs: one table of rules by key name.
+
+A rule applies to every key of that name anywhere in the config (`epochs` in `pretrain.train`, in
+`finetune.ft_all.train`, ...), and to each element of a tuple value (`tcore.expand.iters`). Unset (None) values are
+skipped: they mean "the default". The experiments' own `check` adds what depends on the data (a batch no larger than
+the examples it draws from) and on the names the code knows.
+"""
+
+import math
+import re
+
+import jax
+
+from jaxpurify.errors import UserError
+
+# (key-name pattern, test, what the test asks); the first matching rule decides.
+_RULES = [
+    (r"warmup_epochs|every_epochs|l2_await|l2_ramp", lambda v: _int(v) and v >= 0, "an integer of at least 0"),
+    (r".*epochs|.*batch_size|log_every|checkpoint_every|keep_checkpoints|steps_per_stage|seeds_per_class|"
+     r"num_references|chunk_rows|steps|iters|secret_length|num_projections|k|pieces|queue_size|patch_size|size|window",
+     lambda v: _int(v) and v >= 1, "an integer of at least 1"),
+    (r".*_fraction|rate|poison_ratio|pratio|cover_ratio|ratios|per_class_cap|conf_threshold|schedule",
+     lambda v: _real(v) and 0 < v <= 1, "in (0, 1]"),
+    (r".*_prob|dropout|acc_tol|l2_start_accuracy|mask_density|alpha|test_alpha|amplitude|test_amplitude",
+     lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]"),
+    (r"momentum|ema", lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
+    (r"lr|lrs|temperature|t|eps|epsilon|step_size|u|u_grid|magnitude|frequency|s",
+     lambda v: _real(v) and v > 0, "a number above 0"),
+    (r"weight_decay|lambda1|lambda2|lambda_div|lambda_norm|clone_weight|cost|cost_1|bce_weight|l2_weight|"
+     r"grid_rescale|delta|cross_ratio", lambda v: _real(v) and v >= 0, "a number of at least 0"),
+]
+_COMPILED = [(re.compile(f"(?:{pattern})"), test, what) for pattern, test, what in _RULES]
+
+
+def _int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _leaves(node, prefix: str = ""):
+  """(dotted key, value) of every leaf of a ConfigDict (or dict)."""
+  for key, value in node.items():
+    if hasattr(value, "items"):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def check_ranges(config) -> None:
+  """UserError naming the first key whose value (or an element of it) breaks its rule."""
+  for key, value in _leaves(config):
+    name = key.rpartition(".")[2]
+    rule = next(((test, what) for pattern, test, what in _COMPILED if pattern.fullmatch(name)), None)
+    if rule is None or value is None or isinstance(value, str):
+      continue
+    test, what = rule
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if not test(item):
+        shown = f"{value!r}" if item is value else f"{value!r} (element {item!r})"
+        raise UserError(f"config.{key} must be {what}, got {shown}; fix --config.{key}")
+
+
+def check_optimizers(config) -> None:
+  """Every optimiser block (a group with `name` and `lr`) names a known optimiser and schedule."""
+  from jaxpurify.train.state import OPTIMIZERS, SCHEDULES  # pylint: disable=g-import-not-at-top
+  leaves = dict(_leaves(config))
+  for key, value in leaves.items():
+    group, _, name = key.rpartition(".")
+    if name == "name" and f"{group}.lr" in leaves and value not in OPTIMIZERS:
+      raise UserError(f"unknown optimizer {value!r}; set config.{key} to one of {', '.join(OPTIMIZERS)}")
+    if name == "schedule" and isinstance(value, str) and value not in SCHEDULES:
+      raise UserError(f"unknown learning-rate schedule {value!r}; set config.{key} to one of {', '.join(SCHEDULES)}")
+
+
+def check_train_batches(config) -> None:
+  """Every training block's batch (`<...>.train.batch_size`) and the evaluation's split evenly over the devices."""
+  devices = jax.device_count()
+  for key, value in _leaves(config):
+    if re.fullmatch(r"(.*\.)?train\.batch_size|evaluate\.batch_size", key) and value % devices:
+      raise UserError(f"config.{key}={value} is not divisible by the {devices} devices; set it to a multiple of "
+                      f"{devices}")
+
+
+def check_fits(config, key: str, num_examples: int, what: str) -> None:
+  """UserError when the batch at dotted `key` is larger than the `num_examples` it draws from (`what`)."""
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  if value > num_examples:
+    raise UserError(f"config.{key}={value} is larger than the {num_examples} {what} it draws batches from; set it "
+                    f"to at most {num_examples}")
+
+
+def check(config) -> None:
+  """The rules above, the optimisers and the device split of every batch."""
+  check_ranges(config)
+  check_optimizers(config)
+  check_train_batches(config)
