@@ -9,6 +9,12 @@ grid of teachers x students x losses (`oat`, the default, one factor at a time a
 `full`, the whole product), T-Core's full pipeline and each of its four components removed in turn. The stages a
 cell shares with the base cell are linked, not recomputed. Writes WORKDIR/ablation.md and WORKDIR/ablation.json
 and prints the table.
+
+  python -m jaxpurify.ablate --config configs/badencoder.py:quick --seeds 5
+
+`--seeds` runs the experiment (or its ablation) once per seed in WORKDIR/seed<N>/ and writes WORKDIR/seeds.md and
+WORKDIR/seeds.json: every metric as mean ± std (n), min, max and per seed (`jaxpurify.seeds`). It works for every
+experiment, with or without an ablation.
 """
 
 import json
@@ -17,11 +23,22 @@ import sys
 
 import jax
 
-from jaxpurify import cli, experiments
+from jaxpurify import cli, experiments, seeds
 from jaxpurify.errors import UserError
 
 USAGE = ("usage: python -m jaxpurify.ablate --config configs/NAME.py[:ARGS] "
-         "[--workdir DIR] [--grid oat|full] [--config.a.b=V ...]")
+         "[--workdir DIR] [--grid oat|full] [--seeds N|S0,S1,...] [--config.a.b=V ...]")
+
+
+def _take_flag(args: list[str], flag: str) -> str | None:
+  """Removes `--flag=value` or `--flag value` from args -> the value (None when absent)."""
+  for i, item in enumerate(args):
+    name, eq, value = item.partition("=")
+    if name == flag:
+      value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+      del args[i:i + (1 if eq else 2)]
+      return value
+  return None
 
 
 def main(argv: list[str]) -> int:
@@ -30,35 +47,54 @@ def main(argv: list[str]) -> int:
   where = {}
 
   def body():
-    args, grid = list(argv), "oat"
-    for i, item in enumerate(args):
-      name, eq, value = item.partition("=")
-      if name == "--grid":
-        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-        del args[i:i + (1 if eq else 2)]
-        if value not in ("oat", "full"):
-          raise UserError(f"--grid {value!r}: use 'oat' (one factor at a time) or 'full'; {USAGE}")
-        grid = value
-        break
+    args = list(argv)
+    grid = _take_flag(args, "--grid") or "oat"
+    if grid not in ("oat", "full"):
+      raise UserError(f"--grid {grid!r}: use 'oat' (one factor at a time) or 'full'; {USAGE}")
+    seed_arg = _take_flag(args, "--seeds")
+    seed_list = None if seed_arg is None else seeds.parse(seed_arg)
     parsed = cli.parse_argv(args)
     config = cli.load_config(parsed.config, parsed.arg, parsed.overrides)
     experiment = experiments.module(config.experiment)
-    if not hasattr(experiment, "ablate"):
+    if not hasattr(experiment, "ablate") and seed_list is None:
       ablated = [n for n in experiments.names() if hasattr(experiments.module(n), "ablate")]
       raise UserError(f"experiment {config.experiment!r} has no ablation; ablations exist for "
-                      f"{', '.join(ablated)} (configs/{'.py, configs/'.join(ablated)}.py)")
+                      f"{', '.join(ablated)} (configs/{'.py, configs/'.join(ablated)}.py), and --seeds runs any "
+                      "experiment over seeds")
+    name = getattr(experiment, "ABLATION_NAME", config.experiment) + ("-seeds" if seed_list else "")
     suffix = "-" + parsed.arg if parsed.arg else ""
-    where["workdir"] = workdir = parsed.workdir or os.path.join("runs", experiment.ABLATION_NAME + suffix)
-    rows, text, title = experiment.ablate(config, workdir, grid)
-    title += f" ({parsed.arg or 'default'})"
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "ablation.json"), "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=2)
-      with open(os.path.join(workdir, "ablation.md"), "w", encoding="utf-8") as f:
-        f.write(f"# {title}\n\n{text}\n")
-      print(f"\n{text}\n\ntable: {workdir}/ablation.md")
+    where["workdir"] = workdir = parsed.workdir or os.path.join("runs", name + suffix)
+    if seed_list is None:
+      rows, text, title = experiment.ablate(config, workdir, grid)
+      _write(workdir, "ablation", rows, text, f"{title} ({parsed.arg or 'default'})")
+      return
+    for seed in seed_list:  # every seed's config validated before the first one runs
+      experiments.check(seeds.seed_config(config, seed))
+    rows_per_seed = {}
+    for seed in seed_list:
+      cell, cell_dir = seeds.seed_config(config, seed), seeds.seed_workdir(workdir, seed)
+      print(f"\n##### seed {seed} ({cell_dir})", flush=True)
+      if hasattr(experiment, "ablate"):
+        rows_per_seed[seed] = experiment.ablate(cell, cell_dir, grid)[0]
+      else:
+        rows_per_seed[seed] = seeds.evaluation_rows(experiments.run(cell, cell_dir))
+    pooled = seeds.pool(rows_per_seed)
+    _write(workdir, "seeds", pooled, seeds.table(pooled, seed_list),
+           f"{os.path.relpath(parsed.config)}:{parsed.arg or ''} over seeds {', '.join(map(str, seed_list))}")
 
   return cli.guarded(body, lambda: where.get("workdir"))
+
+
+def _write(workdir: str, name: str, rows: list[dict], text: str, title: str) -> None:
+  """WORKDIR/<name>.json (rows) and WORKDIR/<name>.md (title and table), and the table printed (process 0)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, f"{name}.json"), "w", encoding="utf-8") as f:
+      json.dump(rows, f, indent=2)
+    with open(os.path.join(workdir, f"{name}.md"), "w", encoding="utf-8") as f:
+      f.write(f"# {title}\n\n{text}\n")
+    print(f"\n{text}\n\ntable: {workdir}/{name}.md")
+
 
 if __name__ == "__main__":
   sys.exit(main(sys.argv[1:]))

@@ -22,12 +22,12 @@ def config(name_arg: str, *overrides: str):
                          [f"--config.{item}" for item in overrides])
 
 
-def cli_main(*argv: str) -> tuple[int, list[str], str]:
-  """cli.main in-process -> (exit status, non-empty stderr lines, stdout)."""
+def cli_main(*argv: str, main=cli.main) -> tuple[int, list[str], str]:
+  """A command's main (default: main.py's) in-process -> (exit status, non-empty stderr lines, stdout)."""
   old_err, old_out = sys.stderr, sys.stdout
   sys.stderr, sys.stdout = err, out = io.StringIO(), io.StringIO()
   try:
-    status = cli.main(list(argv))
+    status = main(list(argv))
   finally:
     sys.stderr, sys.stdout = old_err, old_out
   return status, [line for line in err.getvalue().splitlines() if line.strip()], out.getvalue()

@@ -2,6 +2,8 @@
 verify what they load: a step folder counts only with orbax's commit marker, and a finished stage restores exactly
 the step its done.json records."""
 
+import contextlib
+import logging
 import os
 
 import jax
@@ -13,14 +15,28 @@ from jaxpurify.errors import UserError
 def manager(directory: str, *, every: int, keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                          enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  with _quiet():
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+@contextlib.contextmanager
+def _quiet():
+  """orbax's own log lines about a damaged file silenced: the UserError that follows says it in one line."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, like):
   """Restores `step` into the structure, shapes and shardings of `like` (a pytree of arrays)."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    with _quiet():
+      return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as err:  # orbax raises many types for a damaged or mismatched checkpoint
     where = os.path.join(str(mngr.directory), str(step))
     raise UserError(f"checkpoint {where} is corrupt or does not match this config ({type(err).__name__}: "
@@ -61,13 +77,14 @@ def load_step(directory: str, step: int, like, stage: str):
   problem = ("is missing" if not os.path.isdir(os.path.join(directory, str(step))) else
              f"is incomplete (no {COMMIT_MARKER})" if not committed(directory, step) else None)
   if problem is None:
-    mngr = ocp.CheckpointManager(os.path.abspath(directory))
-    try:
-      return mngr.restore(step, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like)))
-    except Exception as err:  # orbax raises many types for a damaged or mismatched checkpoint
-      problem = f"cannot be read ({type(err).__name__})"
-    finally:
-      mngr.close()
+    with _quiet():
+      mngr = ocp.CheckpointManager(os.path.abspath(directory))
+      try:
+        return mngr.restore(step, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like)))
+      except Exception as err:  # orbax raises many types for a damaged or mismatched checkpoint
+        problem = f"cannot be read ({type(err).__name__})"
+      finally:
+        mngr.close()
   earlier = [s for s in good_steps(directory) if s < step]
   stage_dir = os.path.dirname(os.path.abspath(directory))
   raise UserError(f"stage {stage!r} is marked done at step {step}, but its checkpoint {directory}/{step} {problem}; "

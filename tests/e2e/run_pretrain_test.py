@@ -8,7 +8,9 @@ import shutil
 
 import pytest
 
-from helpers import cli_main, run_experiment
+from helpers import cli_main, config, run_experiment
+from jaxpurify import ablate
+from jaxpurify.pipeline import Run, link_stages
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +54,8 @@ def test_corrupt_checkpoint_is_one_line(clean_run, tmp_path):
           f.write(b"garbage")
   status, lines, _ = cli_main("--config", "configs/simclr.py:tiny", "--workdir", workdir)
   assert status == 2, lines
-  assert len(lines) == 1 and lines[0].startswith("error:") and "corrupt" in lines[0], lines
+  assert len(lines) == 1 and lines[0].startswith("error:") and "cannot be read" in lines[0], lines
+  assert "delete" in lines[0] and "pretrain/done.json" in lines[0], lines
 
 
 @pytest.mark.parametrize("method", ["moco", "byol"])
@@ -65,3 +68,21 @@ def test_tiny_pretraining_with_another_ssl_method(tmp_path, method):
   metrics = read(workdir, "pretrain/metrics.jsonl")
   assert [m["step"] for m in metrics] == [4, 8, 12, 16, 20, 22]  # one epoch of 1437 // 64 steps
   assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_seeds_axis_pools_runs_and_the_seed_changes_the_result(clean_run, tmp_path):
+  """`ablate --seeds 100,101` on simclr:tiny: seed 100 is the session's run (linked), seed 101 trains."""
+  workdir = str(tmp_path / "seeds")
+  linked = os.path.join(workdir, "seed100")
+  Run(config("simclr:tiny"), linked)
+  link_stages(clean_run[0], linked, ["pretrain", "evaluate"])
+  status, lines, out = cli_main("--config", "configs/simclr.py:tiny", "--seeds", "100,101", "--workdir", workdir,
+                                main=ablate.main)
+  assert status == 0, lines
+  (row,) = read(workdir, "seeds.json")
+  assert row["row"] == "clean/digits" and row["acc"]["n"] == 2
+  acc = row["acc"]["values"]
+  assert acc["100"] == read(clean_run[0], "results.json")["evaluations"]["clean/digits"]["acc"]
+  assert acc["101"] == read(os.path.join(workdir, "seed101"), "results.json")["evaluations"]["clean/digits"]["acc"]
+  assert acc["101"] != acc["100"]  # another seed: another initialisation, data order and augmentation
+  assert "| clean/digits | acc | " in out and "seed 100 | seed 101 |" in out

@@ -1,6 +1,8 @@
 """T-Core's progressive bootstrapping (tcore.md sections 4.4 and 5.4; a reconstruction): a model trained on the
 trusted core, grown stage by stage with the samples it predicts confidently as their own label."""
 
+import functools
+
 import numpy as np
 
 from jaxpurify import finetune, stages
@@ -35,9 +37,9 @@ def bootstrap(run, config, protocol: str, encoder: Encoder, encoder_mask, images
     if state is not None:  # warm start from the previous stage's model
       fresh = fresh.replace(params=state.params, batch_stats=state.batch_stats)
     stage = f"boot{k}_{protocol}"
-    state = stages.train(run, stage, fresh, step, dataset.batch, block.train, num_steps, mesh, config.seed + k)
-    if run.done(stage) is None:
-      run.finish(stage, {"core": len(core), "steps": num_steps})
+    state = stages.trained(run, stage, fresh, num_steps, functools.partial(
+        stages.train, run, stage, fresh, step, dataset.batch, block.train, num_steps, mesh, config.seed + k),
+                           {"core": len(core)})
   evaluation = finetune.evaluate_classifier(config, graphdef, state, setting.test, setting.trigger, setting.target,
                                             mesh)
   return evaluation, history

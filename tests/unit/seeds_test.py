@@ -1,0 +1,47 @@
+"""Seeds as an axis: parsing --seeds, pooling rows across seeds (against NumPy), the table."""
+
+import numpy as np
+import pytest
+
+from helpers import config
+from jaxpurify import seeds
+from jaxpurify.errors import UserError
+
+
+def test_parse_counts_and_lists():
+  assert seeds.parse("3") == (0, 1, 2)
+  assert seeds.parse("0,4,7") == (0, 4, 7)
+  assert seeds.parse("5,") == (5,)
+  for bad in ("", "0", "1,1", "a", "-1,2"):
+    with pytest.raises(UserError, match="--seeds"):
+      seeds.parse(bad)
+
+
+def test_seed_config_changes_only_the_seed():
+  base = config("simclr:tiny")
+  cell = seeds.seed_config(base, 7)
+  assert cell.seed == 7 and base.seed == 100
+  cell.seed = base.seed
+  assert cell.to_json() == base.to_json()
+
+
+def test_pool_gives_mean_sample_std_extremes_and_values_per_label():
+  rows = {0: [{"row": "clean/d", "acc": 0.9, "asr": 0.1}, {"row": "poisoned/d", "acc": 0.8, "asr": 0.9}],
+          1: [{"row": "clean/d", "acc": 0.7, "asr": 0.3}, {"row": "poisoned/d", "acc": 0.6, "asr": 1.0}],
+          2: [{"row": "clean/d", "acc": 0.8, "asr": 0.2}, {"row": "poisoned/d", "acc": 0.7, "asr": 0.2}]}
+  pooled = seeds.pool(rows)
+  assert [r["row"] for r in pooled] == ["clean/d", "poisoned/d"]
+  asr = pooled[1]["asr"]
+  np.testing.assert_allclose(asr["mean"], 0.7)
+  np.testing.assert_allclose(asr["std"], np.std([0.9, 1.0, 0.2], ddof=1))
+  assert (asr["n"], asr["min"], asr["max"]) == (3, 0.2, 1.0)
+  assert asr["values"] == {"0": 0.9, "1": 1.0, "2": 0.2}
+  one = seeds.pool({4: rows[0]})
+  assert one[0]["acc"]["std"] == 0.0 and one[0]["acc"]["n"] == 1
+
+
+def test_table_shows_mean_std_n_and_every_seed():
+  pooled = seeds.pool({0: [{"cell": "a/b", "acc": 0.5, "trusted": 12}], 3: [{"cell": "a/b", "acc": 0.7, "trusted": 9}]})
+  text = seeds.table(pooled, (0, 3))
+  assert "| a/b | acc | 60.00 ± 14.14 (2) | 50.00 | 70.00 | 50.00 | 70.00 |" in text
+  assert "trusted" not in text  # counts stay in seeds.json
