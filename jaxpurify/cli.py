@@ -191,14 +191,32 @@ def main(argv: list[str]) -> int:
     args = parse_argv(argv)
     config = load_config(args.config, args.arg, args.overrides)
     if args.distributed or distributed:
-      import jax  # pylint: disable=g-import-not-at-top
-      if not jax.distributed.is_initialized():
-        jax.distributed.initialize()  # must precede every other JAX call
+      initialize_distributed()
     where["workdir"] = args.workdir or default_workdir(args.config, args.arg)
     from jaxpurify import experiments  # pylint: disable=g-import-not-at-top
     experiments.run(config, where["workdir"])
 
   return guarded(body, lambda: where.get("workdir"), distributed)
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize() (before any other JAX call) from the standard variables JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID, or from what JAX detects itself (Slurm, Open MPI, TPU pods)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  for variable, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if variable in os.environ:
+      try:
+        kwargs[name] = int(os.environ[variable])
+      except ValueError:
+        raise UserError(f"{variable}={os.environ[variable]!r} is not an integer; set it to one") from None
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, TypeError) as err:
+    raise UserError(f"--distributed could not start ({err}); set JAX_COORDINATOR_ADDRESS (host:port of process 0), "
+                    "JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under Slurm, Open MPI or on a TPU pod") from None
 
 
 def write_traceback(workdir: str | None) -> str:

@@ -5,6 +5,7 @@ inherit the session's JAX settings and compilation cache."""
 import json
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -80,6 +81,43 @@ def test_one_device_ends_with_the_same_loss_as_eight(clean_run, tmp_path):
   # drift apart slowly: equal at the first log, within 1% at the end.
   assert abs(one[0]["loss"] - eight[0]["loss"]) <= 1e-4 * abs(eight[0]["loss"])
   assert abs(one[-1]["loss"] - eight[-1]["loss"]) <= 1e-2 * abs(eight[-1]["loss"])
+
+
+def two_processes(workdir):
+  """Two `main.py --distributed` processes on localhost, 4 CPU devices each, with the standard JAX variables."""
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    port = probe.getsockname()[1]
+  env = {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2"}
+  return [main_py("--config", TINY, "--workdir", workdir, "--distributed", devices=4,
+                  env=env | {"JAX_PROCESS_ID": str(i)}) for i in range(2)]
+
+
+def test_two_processes_run_one_experiment_resume_after_both_are_killed_and_match_one_process(clean_run, tmp_path):
+  workdir = str(tmp_path / "two")
+  procs = two_processes(workdir)
+  ckpt = os.path.join(workdir, "pretrain", "ckpt")
+  deadline = time.time() + 300
+  while not (os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, [p.communicate() for p in procs]
+    time.sleep(0.1)
+  for proc in procs:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  procs = two_processes(workdir)
+  outs = [proc.communicate(timeout=600) for proc in procs]
+  assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  assert "| clean/digits |" in outs[0][0] and "| clean/digits |" not in outs[1][0]  # process 0 reports
+  two, one = read(workdir, "pretrain/metrics.jsonl"), read(clean_run[0], "pretrain/metrics.jsonl")
+  assert [m["step"] for m in two] == [m["step"] for m in one]  # resumed, each step logged once
+  # 2 processes x 4 devices run the 8-device program with cross-process (gloo) sums in another order: equal at
+  # the first log to float precision, then Adam's drift as in the 1-vs-8 test below.
+  assert abs(two[0]["loss"] - one[0]["loss"]) <= 1e-4 * abs(one[0]["loss"])
+  assert abs(two[-1]["loss"] - one[-1]["loss"]) <= 1e-2 * abs(one[-1]["loss"])
+  assert read(workdir, "results.json")["evaluations"].keys() == {"clean/digits"}
+  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  assert steps[-1] == one[-1]["step"] and all(
+      os.path.exists(os.path.join(ckpt, str(s), "commit_success.txt")) for s in steps)
 
 
 def test_missing_cifar10_fails_fast_with_the_prepare_command(tmp_path):
