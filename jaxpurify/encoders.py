@@ -40,7 +40,7 @@ def build_backbone(model_config, seed: int) -> Encoder:
 
 
 @functools.lru_cache(maxsize=64)
-def _forward(graphdef, mean: tuple, std: tuple, transform):
+def forward(graphdef, mean: tuple, std: tuple, transform):
   """One jitted inference forward per (architecture, normalisation, transform), shared by every encoder."""
 
   @jax.jit
@@ -58,7 +58,7 @@ def _forward(graphdef, mean: tuple, std: tuple, transform):
 def encode_fn(encoder: Encoder, model_config, transform=None):
   """A jitted uint8 [B, H, W, 3] -> feature [B, D] in inference mode; `transform` (uint8 -> uint8, e.g. a
   trigger) is applied first, on device."""
-  encode = _forward(encoder.graphdef, tuple(model_config.mean), tuple(model_config.std), transform)
+  encode = forward(encoder.graphdef, tuple(model_config.mean), tuple(model_config.std), transform)
   return lambda images: encode(encoder.params, encoder.batch_stats, images)
 
 

@@ -40,6 +40,22 @@ DATASETS = types.MappingProxyType({
 })
 
 
+# The published number of examples per split (tfds' counts), for cost plans made before the data is prepared.
+SPLIT_SIZES = types.MappingProxyType({
+    ("cifar10", "train"): 50_000, ("cifar10", "test"): 10_000,
+    ("stl10", "train"): 5_000, ("stl10", "test"): 8_000, ("stl10", "unlabelled"): 100_000,
+    ("svhn_cropped", "train"): 73_257, ("svhn_cropped", "test"): 26_032,
+    ("gtsrb", "train"): 26_640, ("gtsrb", "test"): 12_630,
+    ("digits", "train"): 1_437, ("digits", "test"): 360,
+})
+
+
+def split_size(name: str, split: str) -> int:
+  """The published number of examples of a split (UserError for an unknown data set or split)."""
+  spec(name, split)
+  return SPLIT_SIZES[(name, split)]
+
+
 def spec(name: str, split: str | None = None) -> DatasetSpec:
   """The spec of `name`; UserError naming the known data sets (and splits, when `split` is given)."""
   if name not in DATASETS:

@@ -2,6 +2,7 @@
 pre-trained on the poisoned set, and it and the clean encoder are evaluated. Stages: pretrain (unless
 config.attack.clean_encoder), poison, pretrain_poisoned, evaluate."""
 
+from jaxpurify import plan as cost
 from jaxpurify import stages, triggers
 from jaxpurify.attacks import ctrl as ctrl_attack
 from jaxpurify.attacks import references
@@ -41,3 +42,10 @@ def run(run, mesh) -> dict:
 
 
 bench_step = pretrain.bench_step  # CTRL's cost is the pre-training step on the poisoned set
+
+
+def plan(config) -> list:
+  """pretrain (unless a clean encoder is given), pretrain_poisoned, then the evaluation's features of both."""
+  stages_ = [] if config.attack.clean_encoder else [pretrain.pretrain_stage(config)]
+  return stages_ + [pretrain.pretrain_stage(config, "pretrain_poisoned"),
+                    cost.evaluation_stage(config, rows=2, backdoor=config.attack.downstream)]

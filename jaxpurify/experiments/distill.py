@@ -12,12 +12,13 @@ import os
 import jax
 
 from jaxpurify import encoders, experiments, models, parallel, plots, stages
-from jaxpurify.data import synthetic
+from jaxpurify import plan as cost
+from jaxpurify.data import catalog, synthetic
 from jaxpurify.defenses.distill import step as distill_step
 from jaxpurify.defenses.distill import training
 from jaxpurify.errors import UserError
 from jaxpurify.evaluation import PROTOCOLS
-from jaxpurify.experiments import encoder_attack
+from jaxpurify.experiments import encoder_attack, pretrain
 from jaxpurify.pipeline import Run, config_value, derived_config, link_stages
 from jaxpurify.ssl import METHODS
 from jaxpurify.train.metrics import read_metrics
@@ -135,6 +136,26 @@ def bench_step(config, mesh):
   state, step, _, batch_fn, _ = training.distill_training(
       config, teacher, (graphdef, student.params, student.batch_stats), images, mesh)
   return state, step, batch_fn, ssl.train.batch_size, "2 student views (trained) and 1 teacher view (inference) each"
+
+
+def plan(config) -> list:
+  """pretrain and attack (unless a suspect or clean encoder is given), teacher, warm-up, distillation, then the
+  evaluation's features of the clean, poisoned, teacher and defended encoders."""
+  defense = config.defense
+  first = [] if defense.suspect_encoder else encoder_attack.plan(config)[:-1]
+  count = int(catalog.split_size(config.data.name, config.data.split) * defense.clean_fraction)
+  middle = []
+  if defense.teacher.kind == "finetuned" and not defense.teacher.checkpoint:
+    middle.append(pretrain.pretrain_stage(training.ssl_config(config, defense.teacher.epochs, defense.teacher.lr),
+                                          "teacher", count))
+  if defense.student.init == "warmup" and not defense.student.checkpoint:
+    middle.append(pretrain.pretrain_stage(training.ssl_config(config, defense.student.warmup_epochs,
+                                                              model=training.student_model(config)), "warmup", count))
+  per_epoch = count // defense.ssl.train.batch_size
+  middle.append(cost.bench_stage("distill", defense.ssl.train.epochs * per_epoch, config))
+  teacher_row = defense.teacher.kind == "finetuned" or bool(defense.teacher.checkpoint)
+  rows = (1 if defense.suspect_encoder else 2) + teacher_row + 1  # (clean,) poisoned, (teacher,) defended
+  return first + middle + [cost.evaluation_stage(config, rows=rows, backdoor=config.attack.downstream)]
 
 
 def teachers(config) -> dict[str, dict]:

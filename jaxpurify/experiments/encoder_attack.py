@@ -3,9 +3,11 @@ config.attack.clean_encoder) fine-tuned into a backdoored one, then both evaluat
 Stages: pretrain (unless a clean encoder is given), attack, evaluate."""
 
 from jaxpurify import data, encoders, parallel, stages, triggers, validation
+from jaxpurify import plan as cost
 from jaxpurify.attacks import encoder_finetune, references
-from jaxpurify.data import synthetic
+from jaxpurify.data import catalog, synthetic
 from jaxpurify.errors import UserError
+from jaxpurify.experiments import pretrain
 
 
 def backdoor(config):
@@ -60,3 +62,18 @@ def bench_step(config, mesh):
   batch_fn = stages.attack_batches(config, clean, shadow, refs, mesh)
   what = f"shadow, triggered and {attack.num_references} x augmented-reference images each"
   return state, step, batch_fn, attack.train.batch_size, what
+
+
+def attack_stage(config) -> cost.PlanStage:
+  """BadEncoder/DRUPE fine-tuning over the shadow set, as a plan stage."""
+  attack = config.attack
+  shadow = encoder_finetune.shadow_indices(catalog.split_size(config.data.name, config.data.split),
+                                           attack.shadow_fraction, config.seed)
+  steps = attack.train.epochs * (len(shadow) // attack.train.batch_size)
+  return cost.bench_stage("attack", steps, config, "encoder_attack")
+
+
+def plan(config) -> list:
+  """pretrain (unless a clean encoder is given), attack, then the evaluation's features of both encoders."""
+  first = [] if config.attack.clean_encoder else [pretrain.pretrain_stage(config)]
+  return first + [attack_stage(config), cost.evaluation_stage(config, rows=2, backdoor=config.attack.downstream)]

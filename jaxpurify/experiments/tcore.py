@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 from jaxpurify import encoders, experiments, finetune, parallel, stages, threats
-from jaxpurify.data import synthetic
+from jaxpurify import plan as cost
+from jaxpurify.data import catalog, synthetic
 from jaxpurify.defenses import tcore
 from jaxpurify.defenses.tcore import confusion
 from jaxpurify.errors import UserError
@@ -54,6 +55,32 @@ def bench_step(config, mesh):
       {"seed_image": seeds, "seed_pred": synthetic.labels(len(seeds))}, 10, mesh, config.seed)
   return (state, step, batch_fn, e.batch_size + e.seed_batch_size,
           f"{e.batch_size} suspect + {e.seed_batch_size} seed images, 1 augmented view each")
+
+
+def plan(config) -> list:
+  """The threat's stages, then the sifting's features, each confusion round's fine-tuning and confusion training,
+  the bootstrapping stages per protocol and the defended classifiers' test forwards. The distilled set of round r
+  is counted at ratios[r-1] of the training set (the whole set in round 0); the neighbour ranks are not counted."""
+  t, name = config.tcore, config.finetune.dataset
+  n = catalog.split_size(name, "train")
+  out = threat.setting_plan(config) + threat.finetune_plan(config)[:-1]
+  if "sift" not in t.skip:
+    out.append(cost.forward_stage("tcore_sift (features)", n, config))
+  if "expand" not in t.skip:
+    e = t.expand
+    for r in range(len(e.ratios)):
+      distilled = n if r == 0 else int(n * e.ratios[r - 1])
+      protocol = "ft_all" if e.trainable == "all" else "ft_head"
+      out.append(cost.bench_stage(f"expand{r}_pretrain", e.pretrain_epochs[r] * (distilled // e.batch_size), config,
+                                  "threat", finetune__protocols=(protocol,), **{
+                                      f"finetune__{protocol}__train__batch_size": e.batch_size}))
+      out.append(cost.bench_stage(f"expand{r}_confuse", e.iters[r], config, "tcore"))
+  boot = 1 + (0 if "boot" in t.skip else len(t.boot.schedule))
+  for protocol in config.finetune.protocols:
+    out.append(cost.bench_stage(f"boot_{protocol} ({boot} stages)", boot * t.boot.steps_per_stage, config, "threat",
+                                finetune__protocols=(protocol,)))
+  tests = 2 * 3 * len(config.finetune.protocols) * catalog.split_size(name, "test")  # clean + triggered, 3 rows
+  return out + [cost.forward_stage("evaluate (classifiers)", tests, config)]
 
 
 def shared_stages(base_dir: str, removed: str) -> list[str]:

@@ -2,8 +2,9 @@
 FT-head and FT-all of the clean and the threatened pair. Rows `clean/<protocol>`, `poisoned/<protocol>`."""
 
 from jaxpurify import encoders, finetune, parallel, threats
-from jaxpurify.data import synthetic
-from jaxpurify.experiments import encoder_attack
+from jaxpurify import plan as cost
+from jaxpurify.data import catalog, synthetic
+from jaxpurify.experiments import encoder_attack, pretrain
 
 
 def check(config) -> None:
@@ -29,3 +30,28 @@ def bench_step(config, mesh):
   _, state, step, dataset, _ = finetune.finetune_training(config, protocol, encoder, images,
                                                           synthetic.labels(len(images)), 10, mesh)
   return state, step, dataset.batch, batch_size, f"{protocol}: 1 augmented labelled view each"
+
+
+def plan(config) -> list:
+  """pretrain (unless config.clean_encoder), the encoder attack (threats 1 and 3), fine-tuning of the clean and
+  the threatened pair per protocol, and the classifiers' forwards over the test split and its triggered copy.
+  The dataset attacks' auxiliary models are not counted."""
+  return setting_plan(config) + finetune_plan(config)
+
+
+def setting_plan(config) -> list:
+  first = [] if config.clean_encoder else [pretrain.pretrain_stage(config)]
+  return first + ([encoder_attack.attack_stage(config)] if "attack" in config else [])
+
+
+def finetune_plan(config) -> list:
+  """Fine-tuning of the clean and the threatened pair per protocol, and their test forwards."""
+  name = config.finetune.dataset
+  out = []
+  for protocol in config.finetune.protocols:
+    train = config.finetune[protocol].train
+    steps = train.epochs * (catalog.split_size(name, "train") // train.batch_size)
+    out += [cost.bench_stage(f"finetune_{row}_{protocol}", steps, config, "threat", finetune__protocols=(protocol,))
+            for row in ("clean", "poisoned")]
+  tests = 2 * 2 * len(config.finetune.protocols) * catalog.split_size(name, "test")  # clean + triggered, 2 rows
+  return out + [cost.forward_stage("evaluate (classifiers)", tests, config)]
