@@ -40,16 +40,38 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def build(arg: str | None, experiment, **defaults) -> ml_collections.ConfigDict:
-  """A config file's get_config: `arg` parsed over `defaults` plus the two size words every config takes, then
+  """A config file's get_config: `arg` parsed over `defaults` plus the three size words every config takes, then
   experiment(**arguments, quick=...).
 
   quick: the run sized for a 2-core CPU (the embedded digits, a narrow encoder, short schedules).
-  tiny: quick, shrunk further to test size (`tiny`): seconds of training, for the test suite and smoke runs.
+  tiny: quick, shrunk further to test size (`tiny`): seconds of training, for the test suite.
+  smoke: the full config at a few steps on mock data where data is not prepared (`smoke`), to prove a full path.
   """
-  parsed = parse_arg(arg, **defaults, quick=False, tiny=False)
+  parsed = parse_arg(arg, **defaults, quick=False, tiny=False, smoke=False)
+  if parsed.smoke and (parsed.quick or parsed.tiny):
+    raise ValueError("smoke is the full config at a few steps; use it without quick or tiny")
   arguments = {key: parsed[key] for key in defaults}
   config = experiment(**arguments, quick=parsed.quick or parsed.tiny)
+  config.limits = limits()
+  config.data.mock_examples = 0
+  if parsed.smoke:
+    smoke(config)
   return tiny(config) if parsed.tiny else config
+
+
+def limits() -> ml_collections.ConfigDict:
+  """Caps for smoke runs, 0 = none: steps per training stage, examples per evaluated split."""
+  return ml_collections.ConfigDict(dict(max_steps=0, max_eval_examples=0))
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The full config at a few steps: the same model, batches, image sizes, classes, data sets and stages, with
+  every training stage capped at 3 steps, every evaluated split at 256 examples, and data sets that are not
+  prepared served by tfds mock data (4,096 examples per split from the real feature specs: enough for the
+  defender's 5% to fill a batch of 128)."""
+  c.limits.update(max_steps=3, max_eval_examples=256)
+  c.data.mock_examples = 4096
+  return c
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -82,7 +82,7 @@ def wants_help(argv: list[str], usage: str) -> bool:
   """Prints the usage and the config files, and says so, when argv asks for help (-h, --help)."""
   if not any(item in ("-h", "--help") for item in argv):
     return False
-  print(f"{usage}\n\nconfigs: {', '.join(known_configs()) or 'none found in configs/'} (each takes quick and tiny; "
+  print(f"{usage}\n\nconfigs: {', '.join(known_configs()) or 'none found in configs/'} (each takes quick, tiny and smoke; "
         "its docstring shows its arguments)")
   return True
 

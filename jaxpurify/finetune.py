@@ -27,7 +27,12 @@ from jaxpurify.errors import moved
 from jaxpurify.evaluation.metrics import backdoor_metrics
 from jaxpurify.losses import l2_normalize
 from jaxpurify.models.heads import MLPHead
-from jaxpurify.train.state import TrainState, apply_gradients, create_state, make_optimizer
+from jaxpurify.train.state import (
+  TrainState,
+  apply_gradients,
+  create_state,
+  make_optimizer,
+)
 
 PROTOCOLS = ("ft_head", "ft_all")
 __getattr__ = moved(__name__, {"crop_flip": "jaxpurify.augment.crop_flip"})

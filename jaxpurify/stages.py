@@ -19,16 +19,32 @@ from jaxpurify.train.state import create_state, make_optimizer
 
 
 def load_data(config, name: str, split: str) -> data.ImageSplit:
-  return data.load_split(name, split, data_dir=config.data.data_dir or None, image_size=config.data.image_size)
+  """A split as config.data says (data_dir, image_size, mock data for smoke runs)."""
+  return data.load_split(name, split, data_dir=config.data.data_dir or None, image_size=config.data.image_size,
+                         mock=config.data.mock_examples)
+
+
+def load_evaluation(config, name: str, split: str) -> data.ImageSplit:
+  """A split an evaluation reads: `load_data`, its first config.limits.max_eval_examples examples when set."""
+  full, cap = load_data(config, name, split), config.limits.max_eval_examples
+  if not cap or len(full.labels) <= cap:
+    return full
+  return data.ImageSplit(full.images[:cap], full.labels[:cap], full.num_classes, full.name, full.split)
+
+
+def capped_steps(config, num_steps: int) -> int:
+  """A training stage's steps: `num_steps`, at most config.limits.max_steps when set (smoke runs)."""
+  cap = config.limits.max_steps
+  return min(num_steps, cap) if cap else num_steps
 
 
 def train(run, stage, state, step, batch_fn, train_config, num_steps, mesh, seed, after_step=None):
   """`run_steps` in the stage's folder with the run key of `seed` and the logging of `train_config`."""
   key = jax.device_put(jax.random.key(seed), parallel.replicated(mesh))
-  return run_steps(run.stage_dir(stage), stage, state, step, batch_fn, key, num_steps=num_steps,
-                   log_every=train_config.log_every, checkpoint_every=train_config.checkpoint_every,
-                   keep=train_config.keep_checkpoints, images_per_step=train_config.batch_size,
-                   after_step=after_step)
+  return run_steps(run.stage_dir(stage), stage, state, step, batch_fn, key,
+                   num_steps=capped_steps(run.config, num_steps), log_every=train_config.log_every,
+                   checkpoint_every=train_config.checkpoint_every, keep=train_config.keep_checkpoints,
+                   images_per_step=train_config.batch_size, after_step=after_step)
 
 
 def trained(run, stage: str, state, num_steps: int, train_fn, record: dict | None = None):
@@ -37,7 +53,7 @@ def trained(run, stage: str, state, num_steps: int, train_fn, record: dict | Non
   if (done := run.done(stage)) is not None:
     return checkpoint.load_step(f"{run.stage_dir(stage)}/ckpt", done["steps"], state, stage)
   state = train_fn()
-  run.finish(stage, {"steps": num_steps, **(record or {})})
+  run.finish(stage, {"steps": capped_steps(run.config, num_steps), **(record or {})})
   return state
 
 
@@ -143,7 +159,7 @@ def evaluate_encoders(run, stage: str, encoders_: dict[str, Encoder], config, me
   ev = config.evaluate
   evaluations = {}
   for dataset in ev.datasets:
-    train, test = load_data(config, dataset, "train"), load_data(config, dataset, "test")
+    train, test = load_evaluation(config, dataset, "train"), load_evaluation(config, dataset, "test")
     attacked = backdoor if backdoor is not None and backdoor[0] == dataset else None
     for name, encoder in encoders_.items():
       evaluations[f"{name}/{dataset}"] = encoder_metrics(encoder, config, train, test, (ev.protocol, *ev.monitors),

@@ -95,7 +95,7 @@ def setting(run, mesh) -> Setting:
   config = run.config
   clean = stages.clean_encoder(run, config, mesh, config.clean_encoder, "config.clean_encoder")
   name = config.finetune.dataset
-  train, test = stages.load_data(config, name, "train"), stages.load_data(config, name, "test")
+  train, test = stages.load_data(config, name, "train"), stages.load_evaluation(config, name, "test")
   victim_images, victim_labels, poison = train.images, train.labels, np.zeros(0, np.int64)
   if "poison" in config:
     poisoned, trigger = poison_data(run, config, train, mesh)

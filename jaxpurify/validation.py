@@ -15,7 +15,8 @@ from jaxpurify.errors import UserError
 
 # (key-name pattern, test, what the test asks); the first matching rule decides.
 _RULES = [
-    (r"warmup_epochs|every_epochs|l2_await|l2_ramp", lambda v: _int(v) and v >= 0, "an integer of at least 0"),
+    (r"warmup_epochs|every_epochs|l2_await|l2_ramp|max_steps|max_eval_examples|mock_examples",
+     lambda v: _int(v) and v >= 0, "an integer of at least 0"),
     (r".*epochs|.*batch_size|log_every|checkpoint_every|keep_checkpoints|steps_per_stage|seeds_per_class|"
      r"num_references|chunk_rows|steps|iters|secret_length|num_projections|k|pieces|queue_size|patch_size|size|window",
      lambda v: _int(v) and v >= 1, "an integer of at least 1"),

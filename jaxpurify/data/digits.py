@@ -13,7 +13,10 @@ def load_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
 
   Train and test are a fixed stratified 80/20 split (1,437 / 360).
   """
-  from sklearn import datasets, model_selection  # here: 1.5 s to import, only digits needs it
+  from sklearn import (  # here: 1.5 s to import, only digits needs it
+    datasets,
+    model_selection,
+  )
 
   digits = datasets.load_digits()
   train, test = model_selection.train_test_split(np.arange(len(digits.images)), test_size=TEST_FRACTION,

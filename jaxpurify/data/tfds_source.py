@@ -12,12 +12,12 @@ from jaxpurify.errors import UserError
 CHUNK = 1024
 
 
-def read_split(name: str, split: str, data_dir: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def read_split(name: str, split: str, data_dir: str, image_size: int, mock: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """images uint8 [N, image_size, image_size, 3] and labels int32 [N] (-1 for `unlabelled`).
 
-  Read in chunks and resized as they come, so a split is never held at its stored size.
+  Read in chunks and resized as they come, so a split is never held at its stored size. mock: see data_source.
   """
-  source = data_source(name, split, data_dir)
+  source = data_source(name, split, data_dir, mock)
   n = len(source)
   images = np.empty((n, image_size, image_size, 3), np.uint8)
   labels = np.empty((n,), np.int32)
@@ -39,9 +39,16 @@ def _get(source, keys: list[int]) -> list[dict]:
     return [source[i] for i in keys]
 
 
-def data_source(name: str, split: str, data_dir: str):
-  """The random-access tfds source of a prepared split; UserError (offline, fast) when it is not prepared."""
+def data_source(name: str, split: str, data_dir: str, mock: int = 0):
+  """The random-access tfds source of a prepared split; UserError (offline, fast) when it is not prepared.
+
+  mock > 0: a split that is not prepared is served by tfds's mock data instead, `mock` examples generated from the
+  data set's real feature specs (deterministic), for smoke runs at real shapes without the data.
+  """
   builder = tfds.builder(name, data_dir=data_dir)
+  if mock and not (epath.Path(builder.data_dir) / "dataset_info.json").exists():
+    with tfds.testing.mock_data(num_examples=mock, policy=tfds.testing.MockPolicy.USE_CODE):
+      return tfds.builder(name, data_dir=data_dir).as_data_source(split=split)
   try:
     return builder.as_data_source(split=split)
   except (NotImplementedError, ValueError) as err:  # no prepared files, or not in a random-access format

@@ -50,13 +50,13 @@ def check_common(config) -> None:
     if unknown := [p for p in protocols if p not in PROTOCOLS]:
       raise UserError(f"unknown evaluation protocol {unknown[0]!r}; set config.{key} to "
                       f"{'one' if key.endswith('protocol') else 'some'} of {', '.join(PROTOCOLS)}")
-  data_dir = config.data.data_dir or None
-  data.ensure_available(config.data.name, config.data.split, data_dir=data_dir)
+  where = dict(data_dir=config.data.data_dir or None, mock=config.data.mock_examples)
+  data.ensure_available(config.data.name, config.data.split, **where)
   for name in config.evaluate.datasets:
     for split in ("train", "test"):
-      data.ensure_available(name, split, data_dir=data_dir)
-  validation.check_fits(config, "pretrain.train.batch_size",
-                        data.num_examples(config.data.name, config.data.split, data_dir=data_dir),
+      data.ensure_available(name, split, **where)
+  validation.check_fits(config, "pretrain.train.batch_size", data.num_examples(config.data.name, config.data.split,
+                                                                               **where),
                         f"{config.data.name} {config.data.split} images")
 
 

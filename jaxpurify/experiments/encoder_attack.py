@@ -35,9 +35,9 @@ def check(config) -> None:
     raise UserError(f"unknown encoder attack {attack.mode!r}; set config.attack.mode to one of "
                     f"{', '.join(encoder_finetune.MODES)}")
   check_downstream(config)
-  data_dir = config.data.data_dir or None
-  shadow = encoder_finetune.shadow_indices(data.num_examples(config.data.name, config.data.split, data_dir=data_dir),
-                                           attack.shadow_fraction, config.seed)
+  count = data.num_examples(config.data.name, config.data.split, data_dir=config.data.data_dir or None,
+                            mock=config.data.mock_examples)
+  shadow = encoder_finetune.shadow_indices(count, attack.shadow_fraction, config.seed)
   validation.check_fits(config, "attack.train.batch_size", len(shadow), "shadow images")
   downstream = stages.load_data(config, attack.downstream, "train")
   references.choose(downstream, attack.target, attack.num_references, config.seed, attack.reference_file)

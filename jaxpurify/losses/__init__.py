@@ -7,11 +7,25 @@ need every row of a batch gather it themselves with `all_rows`.
 from jaxpurify.losses.byol import byol_loss
 from jaxpurify.losses.contrastive import moco_infonce, nt_xent
 from jaxpurify.losses.core import all_rows, l2_normalize
-from jaxpurify.losses.distillation import (afd, attention_transfer, correlation_congruence, feature_clone, fitnet, kd,
-                                            similarity_preserving)
-from jaxpurify.losses.encoder_attacks import (badencoder_loss, badencoder_terms, drupe_loss, drupe_terms,
-                                               init_drupe_costs, random_projections, sliced_wasserstein,
-                                               update_drupe_costs)
+from jaxpurify.losses.distillation import (
+                                            afd,
+                                            attention_transfer,
+                                            correlation_congruence,
+                                            feature_clone,
+                                            fitnet,
+                                            kd,
+                                            similarity_preserving,
+)
+from jaxpurify.losses.encoder_attacks import (
+                                            badencoder_loss,
+                                            badencoder_terms,
+                                            drupe_loss,
+                                            drupe_terms,
+                                            init_drupe_costs,
+                                            random_projections,
+                                            sliced_wasserstein,
+                                            update_drupe_costs,
+)
 
 __all__ = ["afd", "all_rows", "attention_transfer", "badencoder_loss", "badencoder_terms", "byol_loss",
            "correlation_congruence", "drupe_loss", "drupe_terms", "feature_clone", "fitnet", "init_drupe_costs", "kd",

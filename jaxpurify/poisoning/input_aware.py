@@ -59,8 +59,8 @@ from flax import nnx
 from jaxpurify import augment, parallel
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
-from jaxpurify.poisoning import checks
 from jaxpurify.models import build_linear_classifier, check_name
+from jaxpurify.poisoning import checks
 from jaxpurify.train.state import TrainState
 
 PREFIX = "config.poison.input_aware"

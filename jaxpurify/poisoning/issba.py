@@ -49,7 +49,12 @@ from jaxpurify import augment, parallel
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
 from jaxpurify.poisoning import checks
-from jaxpurify.train.state import TrainState, apply_gradients, create_state, make_optimizer
+from jaxpurify.train.state import (
+  TrainState,
+  apply_gradients,
+  create_state,
+  make_optimizer,
+)
 
 PREFIX = "config.poison.issba"
 

@@ -44,9 +44,14 @@ from flax import nnx
 from jaxpurify import augment, parallel
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
-from jaxpurify.poisoning import checks
 from jaxpurify.models import LinearClassifier, build_linear_classifier, check_name
-from jaxpurify.train.state import TrainState, apply_gradients, create_state, make_optimizer
+from jaxpurify.poisoning import checks
+from jaxpurify.train.state import (
+  TrainState,
+  apply_gradients,
+  create_state,
+  make_optimizer,
+)
 
 PREFIX = "config.poison.label_consistent"
 QUANTIZE = ("round", "truncate")

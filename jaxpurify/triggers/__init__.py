@@ -5,12 +5,30 @@
 BackdoorBench's arithmetic (BadNets, Blended, Trojan, WaNet, Adaptive-Blend, SIG).
 """
 
-from jaxpurify.triggers.dataset import (adaptive_blend, badnets, bicubic_resize_align_corners, blend_pattern, blended,
-                                        sig, trojan, trojan_patch, wanet, wanet_grid)
-from jaxpurify.triggers.encoder import (KINDS, RGB_TO_YUV, YUV_TO_RGB, PatchTrigger, ctrl_stamp, load_patch_npz,
-                                        make_trigger, patch_trigger, stamp)
-
 from jaxpurify.errors import moved
+from jaxpurify.triggers.dataset import (
+                                        adaptive_blend,
+                                        badnets,
+                                        bicubic_resize_align_corners,
+                                        blend_pattern,
+                                        blended,
+                                        sig,
+                                        trojan,
+                                        trojan_patch,
+                                        wanet,
+                                        wanet_grid,
+)
+from jaxpurify.triggers.encoder import (
+                                        KINDS,
+                                        RGB_TO_YUV,
+                                        YUV_TO_RGB,
+                                        PatchTrigger,
+                                        ctrl_stamp,
+                                        load_patch_npz,
+                                        make_trigger,
+                                        patch_trigger,
+                                        stamp,
+)
 
 __getattr__ = moved(__name__, {"default_config": "configs/common.py's trigger(kind)"})
 __all__ = ["KINDS", "RGB_TO_YUV", "YUV_TO_RGB", "PatchTrigger", "adaptive_blend", "badnets",

@@ -7,8 +7,8 @@ import os
 import shutil
 
 import pytest
-
 from helpers import cli_main, config, run_experiment
+
 from jaxpurify import ablate
 from jaxpurify.pipeline import Run, link_stages
 
@@ -86,3 +86,16 @@ def test_seeds_axis_pools_runs_and_the_seed_changes_the_result(clean_run, tmp_pa
   assert acc["101"] == read(os.path.join(workdir, "seed101"), "results.json")["evaluations"]["clean/digits"]["acc"]
   assert acc["101"] != acc["100"]  # another seed: another initialisation, data order and augmentation
   assert "| clean/digits | acc | " in out and "seed 100 | seed 101 |" in out
+
+
+def test_smoke_limits_cap_every_stage_and_mock_an_unprepared_data_set(tmp_path, monkeypatch):
+  """What `smoke` sets, on a tiny model: CIFAR-10 (not prepared here) from mock data, 2 steps, 64 test examples."""
+  monkeypatch.setenv("JAXPURIFY_DATA_DIR", str(tmp_path / "no_data"))
+  workdir = str(tmp_path / "capped")
+  evaluations, _ = run_experiment("simclr:tiny", workdir, "data.name=cifar10", "data.mock_examples=256",
+                                  "evaluate.datasets=('cifar10',)", "limits.max_steps=2",
+                                  "limits.max_eval_examples=64")
+  assert read(workdir, "pretrain/done.json") == {"steps": 2, "examples": 256}
+  assert [m["step"] for m in read(workdir, "pretrain/metrics.jsonl")] == [2]
+  acc = evaluations["clean/cifar10"]["acc"]
+  assert acc * 64 == pytest.approx(round(acc * 64))  # a fraction of the 64 capped test examples

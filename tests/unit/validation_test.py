@@ -11,7 +11,8 @@ from jaxpurify.errors import UserError
 from jaxpurify.poisoning.defaults import ATTACKS
 
 FULL = ["simclr", "moco", "byol", "badencoder", "drupe", "ctrl", "distill", "threat:threat=1,attack=badencoder",
-        "threat:threat=2,attack=input_aware", "tcore:threat=3,attack=blended"]
+        "threat:threat=2,attack=input_aware", "tcore:threat=3,attack=blended",
+        "distill:attack=drupe,downstream=gtsrb,smoke", "tcore:threat=3,attack=blended,smoke"]
 # Together these hold every key of every config: all experiments, and each attack with its own settings block.
 TINY = ["simclr:tiny", "moco:tiny", "byol:tiny", "ctrl:tiny", "distill:tiny", "threat:threat=2,attack=issba,tiny",
         "threat:threat=2,attack=label_consistent,tiny", "threat:threat=2,attack=input_aware,tiny",

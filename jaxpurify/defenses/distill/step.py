@@ -24,7 +24,6 @@ from jaxpurify.ssl import simclr
 from jaxpurify.train.state import TrainState, apply_gradients
 
 
-
 class Switch(NamedTuple):
   """criterion(f_student [B,H,W,Cs], f_teacher [B,H,W,Ct], key) -> scalar, or None; default weights."""
   criterion: object

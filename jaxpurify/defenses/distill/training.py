@@ -104,8 +104,8 @@ class Monitor:
     self.every_steps = config.defense.monitor.every_epochs * steps_per_epoch
     self.steps_per_epoch, self.writer = steps_per_epoch, None
     dataset = backdoor[0]
-    self.train = stages.load_data(config, dataset, "train")
-    self.test = stages.load_data(config, dataset, "test")
+    self.train = stages.load_evaluation(config, dataset, "train")
+    self.test = stages.load_evaluation(config, dataset, "test")
 
   def record(self, step: int, state) -> None:
     row = stages.encoder_metrics(encoders.backbone_of(self.graphdef, state), self.config, self.train, self.test,

@@ -43,6 +43,23 @@ class MockedTfdsTest(parameterized.TestCase):
     self.assertEqual(got.images.shape, (2, 48, 48, 3))
 
 
+class MockForSmokeTest(absltest.TestCase):
+  """`mock`: a data set that is not prepared is served by tfds mock data at its real feature specs."""
+
+  def test_unprepared_split_is_mocked_with_the_asked_count(self):
+    with tempfile.TemporaryDirectory() as empty:
+      data.ensure_available("gtsrb", "train", data_dir=empty, mock=6)
+      self.assertEqual(data.num_examples("gtsrb", "train", data_dir=empty, mock=6), 6)
+      got = data.load_split("gtsrb", "train", data_dir=empty, mock=6)
+      again = data.load_split("gtsrb", "train", data_dir=empty, mock=6)
+      with self.assertRaisesRegex(UserError, "gtsrb is not prepared"):
+        data.ensure_available("gtsrb", "train", data_dir=empty)
+    self.assertEqual(got.images.shape, (6, 32, 32, 3))
+    self.assertTrue(np.all((got.labels >= 0) & (got.labels < 43)))
+    np.testing.assert_array_equal(got.images, again.images)  # deterministic
+    self.assertNotIn("tensorflow", sys.modules)
+
+
 class DigitsTest(absltest.TestCase):
 
   def test_counts_stratified_and_deterministic(self):

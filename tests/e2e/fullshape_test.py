@@ -1,0 +1,42 @@
+"""Every full config at its real shapes (ResNet-18 width 64, the full batches, image sizes, class counts and
+stage graph) for a few steps: the `smoke` word, with tfds mock data where a data set is not prepared. The code
+path is the one a GPU run takes. Hours on a 2-core CPU, so out of the default run: `python -m pytest -m fullshape`.
+"""
+
+import math
+import os
+
+import pytest
+from helpers import run_experiment
+
+from jaxpurify.poisoning.defaults import ATTACKS
+
+pytestmark = pytest.mark.fullshape
+
+CELLS = (["simclr:smoke", "moco:smoke", "byol:smoke", "drupe:smoke", "ctrl:smoke"]
+         + [f"badencoder:{task},smoke" for task in ("stl10", "gtsrb", "svhn_cropped")]
+         + [f"distill:attack={attack},downstream={task},smoke" for attack in ("badencoder", "drupe")
+            for task in ("stl10", "gtsrb", "svhn_cropped")]
+         + ["threat:threat=1,attack=badencoder,smoke"]
+         + [f"threat:threat={threat},attack={attack},smoke" for threat in (2, 3) for attack in ATTACKS]
+         + ["tcore:threat=1,attack=badencoder,smoke", "tcore:threat=2,attack=badnets,smoke",
+            "tcore:threat=3,attack=badnets,smoke"])
+
+
+@pytest.fixture(autouse=True)
+def unprepared_data(tmp_path, monkeypatch):
+  """No prepared data set anywhere: every split is served by mock data."""
+  monkeypatch.setenv("JAXPURIFY_DATA_DIR", str(tmp_path / "no_data"))
+
+
+@pytest.mark.parametrize("name_arg", CELLS)
+def test_full_config_runs_end_to_end_at_a_few_steps(name_arg, tmp_path):
+  workdir = str(tmp_path / "run")
+  evaluations, out = run_experiment(name_arg, workdir)
+  assert evaluations and "results:" in out
+  for row, metrics in evaluations.items():
+    for name, value in metrics.items():
+      assert isinstance(value, float) and math.isfinite(value) and 0 <= value <= 1, (row, name, value)
+  for stage in os.listdir(workdir):
+    done = os.path.join(workdir, stage, "done.json")
+    assert not os.path.isdir(os.path.join(workdir, stage)) or os.path.exists(done), f"{stage} did not finish"
