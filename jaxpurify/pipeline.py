@@ -146,17 +146,21 @@ def claimed(config: ml_collections.ConfigDict, workdir: str):
       yield Run(config, workdir)
     except BaseException:
       if new_claim and _untouched(workdir):
-        _give_back(workdir, lock_path, new_dir)
+        _give_back(workdir, new_dir)
       raise
 
 
-def _give_back(workdir: str, lock_path: str, new_dir: bool) -> None:
-  """Removes the claim of a failed start: the folder if this start made it, else config.json and the lock."""
+def _give_back(workdir: str, new_dir: bool) -> None:
+  """Undoes the claim of a failed start (the workdir holds only the claim and empty folders): the folder if this
+  start made it, else its contents, so that it is as empty as it was."""
   if new_dir:
     shutil.rmtree(workdir)
     return
-  for path in (os.path.join(workdir, "config.json"), lock_path):
-    if os.path.exists(path):
+  for name in os.listdir(workdir):
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
       os.remove(path)
 
 

@@ -2,12 +2,15 @@
 config.attack.clean_encoder) fine-tuned into a backdoored one, then both evaluated downstream.
 Stages: pretrain (unless a clean encoder is given), attack, evaluate."""
 
+import functools
+
 from jaxpurify import data, encoders, parallel, stages, triggers, validation
 from jaxpurify import plan as cost
 from jaxpurify.attacks import encoder_finetune, references
 from jaxpurify.data import catalog, synthetic
 from jaxpurify.errors import UserError
 from jaxpurify.experiments import pretrain
+from jaxpurify.poisoning import registry
 
 
 def backdoor(config):
@@ -58,10 +61,21 @@ def bench_step(config, mesh):
   clean = parallel.put_replicated(encoders.build_backbone(config.model, config.seed), mesh)
   shadow = synthetic.images(synthetic.BENCH_BATCHES * attack.train.batch_size, size)
   refs = synthetic.images(attack.num_references, size)
-  state, step, _ = stages.attack_training(config, clean, len(shadow), mesh)
+  state, step, _ = stages.attack_training(config, clean, len(shadow), mesh, _bench_trigger(config))
   batch_fn = stages.attack_batches(config, clean, shadow, refs, mesh)
   what = f"shadow, triggered and {attack.num_references} x augmented-reference images each"
   return state, step, batch_fn, attack.train.batch_size, what
+
+
+def _bench_trigger(config):
+  """The attack's trigger for the bench step: config.attack's, or under threat 3 the dataset attack's test trigger
+  (a BadEncoder patch stands in for the attacks whose trigger is a trained model)."""
+  if "trigger" in config.attack:
+    return None
+  if config.poison.attack in registry.AUXILIARY:
+    return functools.partial(triggers.stamp, trigger=triggers.patch_trigger(config.data.image_size, 10, (21, 21),
+                                                                             "white", 0))
+  return registry.stateless_test_trigger(config.poison, config.data.image_size)
 
 
 def attack_stage(config) -> cost.PlanStage:

@@ -87,13 +87,16 @@ def test_an_unexpected_exception_is_one_line_and_a_log_and_the_workdir_is_given_
     raise RuntimeError("boom")
 
   monkeypatch.setattr(pretrain, "run", broken)
-  workdir = tmp_path / "run"
-  status, lines, _ = cli_main("--config", TINY, "--workdir", str(workdir))
-  assert status == 1 and len(lines) == 1 and lines[0].startswith("error: unexpected RuntimeError: boom (a bug"), lines
-  log = lines[0].split("the traceback is in ")[1].split(",")[0]
-  with open(log, encoding="utf-8") as f:
-    assert "Traceback" in f.read()
-  assert not workdir.exists()
+  for existing in (False, True):
+    workdir = tmp_path / f"run{existing}"
+    if existing:
+      workdir.mkdir()
+    status, lines, _ = cli_main("--config", TINY, "--workdir", str(workdir))
+    assert status == 1 and len(lines) == 1 and lines[0].startswith("error: unexpected RuntimeError: boom (a bug"), lines
+    log = lines[0].split("the traceback is in ")[1].split(",")[0]
+    with open(log, encoding="utf-8") as f:
+      assert "Traceback" in f.read()
+    assert os.listdir(workdir) == [] if existing else not workdir.exists()
 
 
 def test_deleted_final_checkpoint_is_refused_and_the_advice_resumes_to_the_same_result(tmp_path, clean_run):

@@ -6,7 +6,7 @@ import json
 import pytest
 from helpers import cli_main, config
 
-from jaxpurify import experiments, plan
+from jaxpurify import experiments, parallel, plan
 
 
 def stages_of(name_arg):
@@ -50,3 +50,11 @@ def test_the_command_prints_a_table_with_a_total(tmp_path):
   assert all(r["flops_per_step"] > 0 and r["memory_bytes"] > 0 for r in rows)
   status, lines, _ = cli_main("--config", "configs/simclr.py:tiny", "--mfu", "2", main=plan.main)
   assert status == 2 and "--mfu 2.0 is not in (0, 1]" in lines[0]
+
+
+@pytest.mark.parametrize("attack", ["blended", "input_aware"])
+def test_threat_3_attack_stage_compiles_with_the_dataset_attacks_trigger(attack):
+  """Threat 3's encoder attack has no trigger of its own (found by the plan of configs/tcore.py:threat=3)."""
+  cfg = config(f"threat:threat=3,attack={attack},tiny")
+  (stage,) = [s for s in experiments.module("threat").plan(cfg) if s.name == "attack"]
+  assert plan.measure(stage, parallel.make_mesh(cfg.mesh))["flops_per_step"] > 0
