@@ -185,12 +185,13 @@ def main(argv: list[str]) -> int:
   if wants_help(argv, USAGE):
     return 0
   where = {}
-  distributed = "--distributed" in argv or bool(os.environ.get("JAXPURIFY_DIST"))
+  distributed = bool(os.environ.get("JAXPURIFY_DIST")) or any(
+      item == "--distributed" or item.lower() in ("--distributed=true", "--distributed=1") for item in argv)
 
   def body():
     args = parse_argv(argv)
     config = load_config(args.config, args.arg, args.overrides)
-    if args.distributed or distributed:
+    if distributed:
       initialize_distributed()
     where["workdir"] = args.workdir or default_workdir(args.config, args.arg)
     from jaxpurify import experiments  # pylint: disable=g-import-not-at-top
