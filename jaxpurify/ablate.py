@@ -30,30 +30,16 @@ USAGE = ("usage: python -m jaxpurify.ablate --config configs/NAME.py[:ARGS] "
          "[--workdir DIR] [--grid oat|full] [--seeds N|S0,S1,...] [--config.a.b=V ...]")
 
 
-def _take_flag(args: list[str], flag: str) -> str | None:
-  """Removes `--flag=value` or `--flag value` from args -> the value (None when absent)."""
-  for i, item in enumerate(args):
-    name, eq, value = item.partition("=")
-    if name == flag:
-      value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-      del args[i:i + (1 if eq else 2)]
-      return value
-  return None
-
-
 def main(argv: list[str]) -> int:
   if cli.wants_help(argv, USAGE):
     return 0
   where = {}
 
   def body():
-    args = list(argv)
-    grid = _take_flag(args, "--grid") or "oat"
+    parsed = cli.parse_argv(argv, USAGE, {"grid": ("oat", str), "seeds": (None, seeds.parse)})
+    grid, seed_list = parsed.extra["grid"], parsed.extra["seeds"]
     if grid not in ("oat", "full"):
       raise UserError(f"--grid {grid!r}: use 'oat' (one factor at a time) or 'full'; {USAGE}")
-    seed_arg = _take_flag(args, "--seeds")
-    seed_list = None if seed_arg is None else seeds.parse(seed_arg)
-    parsed = cli.parse_argv(args)
     config = cli.load_config(parsed.config, parsed.arg, parsed.overrides)
     experiment = experiments.module(config.experiment)
     if not hasattr(experiment, "ablate") and seed_list is None:

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
-import ml_collections
 
 from jaxpurify import cli, encoders, experiments, parallel
 from jaxpurify.bench import PEAK_TFLOPS
 from jaxpurify.data import catalog, synthetic
 from jaxpurify.errors import UserError
+from jaxpurify.pipeline import derived_config
 
 USAGE = "usage: python -m jaxpurify.plan --config configs/NAME.py[:ARGS] [--config.a.b=V ...] [--mfu 0.4]"
 MEMORY_GB = (16, 40, 80, 141)
@@ -43,16 +43,11 @@ class PlanStage(NamedTuple):
   build: Callable
 
 
-def bench_stage(name: str, steps: int, config, experiment: str | None = None, **overrides) -> PlanStage:
+def bench_stage(name: str, steps: int, config, experiment: str | None = None,
+                overrides: dict | None = None) -> PlanStage:
   """`steps` training steps of the bench step of `experiment` (default config.experiment) on `config` with
-  {dotted key: value} `overrides` (keys with dots given as __: finetune__protocols)."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  for key, value in overrides.items():
-    *parents, leaf = key.split("__")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+  {dotted key: value} `overrides`."""
+  config = derived_config(config, overrides or {})
 
   def build(mesh):
     state, step, batch_fn, *_ = experiments.module(experiment or config.experiment).bench_step(config, mesh)

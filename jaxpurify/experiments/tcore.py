@@ -72,13 +72,13 @@ def plan(config) -> list:
       distilled = n if r == 0 else int(n * e.ratios[r - 1])
       protocol = "ft_all" if e.trainable == "all" else "ft_head"
       out.append(cost.bench_stage(f"expand{r}_pretrain", e.pretrain_epochs[r] * (distilled // e.batch_size), config,
-                                  "threat", finetune__protocols=(protocol,), **{
-                                      f"finetune__{protocol}__train__batch_size": e.batch_size}))
+                                  "threat", {"finetune.protocols": (protocol,),
+                                             f"finetune.{protocol}.train.batch_size": e.batch_size}))
       out.append(cost.bench_stage(f"expand{r}_confuse", e.iters[r], config, "tcore"))
   boot = 1 + (0 if "boot" in t.skip else len(t.boot.schedule))
   for protocol in config.finetune.protocols:
     out.append(cost.bench_stage(f"boot_{protocol} ({boot} stages)", boot * t.boot.steps_per_stage, config, "threat",
-                                finetune__protocols=(protocol,)))
+                                {"finetune.protocols": (protocol,)}))
   tests = 2 * 3 * len(config.finetune.protocols) * catalog.split_size(name, "test")  # clean + triggered, 3 rows
   return out + [cost.forward_stage("evaluate (classifiers)", tests, config)]
 

@@ -51,7 +51,8 @@ def finetune_plan(config) -> list:
   for protocol in config.finetune.protocols:
     train = config.finetune[protocol].train
     steps = train.epochs * (catalog.split_size(name, "train") // train.batch_size)
-    out += [cost.bench_stage(f"finetune_{row}_{protocol}", steps, config, "threat", finetune__protocols=(protocol,))
+    out += [cost.bench_stage(f"finetune_{row}_{protocol}", steps, config, "threat",
+                             {"finetune.protocols": (protocol,)})
             for row in ("clean", "poisoned")]
   tests = 2 * 2 * len(config.finetune.protocols) * catalog.split_size(name, "test")  # clean + triggered, 2 rows
   return out + [cost.forward_stage("evaluate (classifiers)", tests, config)]
