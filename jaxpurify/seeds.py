@@ -30,10 +30,23 @@ def parse(text: str) -> tuple[int, ...]:
   return values
 
 
+SEED_FIELD = "{seed}"
+
+
 def seed_config(config, seed: int):
-  """A copy of `config` with config.seed = `seed`."""
+  """A copy of `config` with config.seed = `seed` and "{seed}" in any string field replaced by it, so that each
+  seed can reuse its own earlier stages (--config.attack.clean_encoder=runs/simclr-seeds/seed{seed})."""
   cell = config.copy_and_resolve_references()
   cell.seed = seed
+
+  def fill(block):
+    for key, value in block.items():
+      if isinstance(value, str) and SEED_FIELD in value:
+        block[key] = value.replace(SEED_FIELD, str(seed))
+      elif hasattr(value, "items"):
+        fill(value)
+
+  fill(cell)
   return cell
 
 

@@ -36,9 +36,17 @@ __getattr__ = moved(__name__, {**{name: f"jaxpurify.finetune.{name}" for name in
     "finetune_training", "finetune_stage", "evaluate_classifier")}, "threat": "jaxpurify.experiments.threat.run"})
 
 
+def poison_block(config):
+  """config.poison with its seed set: config.poison.seed, or config.seed where that is unset."""
+  block = config.poison.copy_and_resolve_references()
+  if block.seed is None:
+    block.seed = config.seed
+  return block
+
+
 def poison_model(run, config, split: data.ImageSplit, mesh):
   """The trained state of the attack's auxiliary model (stage `poison_model`), or None if it has none."""
-  block = config.poison
+  block = poison_block(config)
   if block.attack not in registry.AUXILIARY:
     return None
   module, settings = registry.AUXILIARY[block.attack], block[block.attack]
@@ -51,7 +59,7 @@ def poison_model(run, config, split: data.ImageSplit, mesh):
 def poison_data(run, config, split: data.ImageSplit, mesh):
   """-> (PoisonedSet, test trigger): the poisoned training set, made once (stage `poison`) and then loaded from
   poison/poisoned_train.npz, and the trigger that measures the attack."""
-  block = config.poison
+  block = poison_block(config)
   aux_state = poison_model(run, config, split, mesh)
   trigger = registry.test_trigger(block, split.images.shape[1], aux_state)
   path = os.path.join(run.stage_dir("poison"), POISONED_FILE)
@@ -144,7 +152,7 @@ def check(config) -> None:
     validation.check_fits(config, f"finetune.{protocol}.train.batch_size", len(train.labels),
                           f"{train.name} training images")
   if "poison" in config:
-    registry.check(config.poison, train.images.shape[1], train.labels)
+    registry.check(poison_block(config), train.images.shape[1], train.labels)
     if "train" in config.poison.get(config.poison.attack, {}):
       validation.check_fits(config, f"poison.{config.poison.attack}.train.batch_size", len(train.labels),
                             f"{train.name} training images")

@@ -35,13 +35,14 @@ def default_config(attack: str, quick: bool) -> ml_collections.ConfigDict:
 
   quick (digits): clean-label attacks poison every target-class image (convention 'class', rate 1), which is
   what BackdoorBench's rate 0.1 of the whole set means on a balanced 10-class set; auxiliary models are small.
+  seed (positions and the poisoning's randomness): unset follows config.seed, so a seed sweep redraws them.
   """
   if attack not in ATTACKS:
     raise ValueError(f"unknown dataset attack {attack!r}; use one of {', '.join(ATTACKS)}")
   clean_label = ATTACKS[attack].clean_label
   c = ml_collections.ConfigDict(dict(
       attack=attack, target=0, rate=0.1, convention="class" if clean_label and quick else "dataset",
-      exclude_target=False, seed=0,
+      exclude_target=False, seed=ml_collections.config_dict.placeholder(int),
       badnets=dict(size=3, value=255),
       blended=dict(alpha=0.2, pattern_seed=0),
       trojan=dict(patch_size=8, patch_seed=0),
