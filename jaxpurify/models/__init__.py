@@ -3,7 +3,8 @@
 Every encoder (backbone) maps normalised images [B, H, W, 3] to `(pooled [B, D], taps)`: `taps` holds
 intermediate features by name, in forward order (its `tap_names`). Code outside `models/` reads taps by name and
 asks the encoder for anything architecture-specific (`conv_bn_pairs` for the channel defenses).
-`ENCODERS[name](width, rngs)` is the registry the configs name (config.model.name, config.model.width).
+`ENCODERS[name](width, rngs)` is the registry the configs name (config.model.name, config.model.width):
+CIFAR ResNets `resnet10`..`resnet50` and torchvision's ImageNet-stem `resnet18_imagenet`..`resnet50_imagenet`.
 """
 
 import functools
@@ -17,6 +18,9 @@ from jaxpurify.models.heads import MLPHead, ProjectionHead
 from jaxpurify.models.resnet import RESNETS, ResNet
 
 ENCODERS = {name: functools.partial(ResNet, block, stage_sizes) for name, (block, stage_sizes) in RESNETS.items()}
+# torchvision's ResNets, ImageNet stem (for 224-pixel inputs and imported torchvision weights)
+ENCODERS.update({f"{name}_imagenet": functools.partial(ResNet, *RESNETS[name], stem="imagenet")
+                 for name in ("resnet18", "resnet34", "resnet50")})
 __getattr__ = moved(__name__, {"ARCHS": "jaxpurify.models.ENCODERS (name -> builder)"})
 
 

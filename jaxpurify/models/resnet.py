@@ -1,8 +1,9 @@
-"""CIFAR-style ResNets in Flax NNX: 3×3 stride-1 stem, no max-pool, no classifier.
+"""ResNets in Flax NNX, no classifier: CIFAR's stem (3×3 stride-1 conv, no max-pool) by default, torchvision's
+ImageNet stem (7×7 stride-2 conv, 3×3 stride-2 max-pool) with `stem="imagenet"`.
 
 `ResNet(x, train)` maps normalised images [B, H, W, 3] to the pooled feature [B, D] and its taps: the output
 of each stage by name, `layer1`..`layer4` (torchvision's names), NHWC [B, H_i, W_i, C_i] with H_i = H, H/2,
-H/4, H/8. `conv_bn_pairs()` names every convolution that feeds a BatchNorm, for the channel-Lipschitz defenses.
+H/4, H/8 (ImageNet stem: H/4 .. H/32). `conv_bn_pairs()` names every convolution that feeds a BatchNorm, for the channel-Lipschitz defenses.
 """
 
 from collections.abc import Sequence
@@ -82,10 +83,16 @@ RESNETS = {
 
 
 class ResNet(nnx.Module):
-  """CIFAR ResNet; `width` is the first stage's channel count (64 in the papers)."""
+  """CIFAR ResNet (`stem="imagenet"`: torchvision's); `width` is the first stage's channel count (64 in the
+  papers)."""
 
-  def __init__(self, block, stage_sizes: Sequence[int], width: int = 64, *, rngs: nnx.Rngs):
-    self.stem_conv, self.stem_bn = _conv(3, width, 3, 1, rngs), _bn(width, rngs)
+  def __init__(self, block, stage_sizes: Sequence[int], width: int = 64, *, stem: str = "cifar",
+               rngs: nnx.Rngs):
+    if stem not in ("cifar", "imagenet"):
+      raise ValueError(f"unknown stem {stem!r}; use 'cifar' or 'imagenet'")
+    self.stem = stem
+    kernel, stride = (3, 1) if stem == "cifar" else (7, 2)
+    self.stem_conv, self.stem_bn = _conv(3, width, kernel, stride, rngs), _bn(width, rngs)
     cin, stages = width, []
     for i, n_blocks in enumerate(stage_sizes):
       blocks = []
@@ -101,6 +108,8 @@ class ResNet(nnx.Module):
   def __call__(self, x, train: bool = False):
     """x: [B, H, W, 3] normalised -> (feature [B, D], {'layer<i>': stage output [B, H_i, W_i, C_i]})."""
     x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+    if self.stem == "imagenet":
+      x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     taps = {}
     for name, stage in zip(self.tap_names, self.stages):
       for block in stage:
