@@ -1,7 +1,8 @@
 """Frozen image encoders as the attacks and evaluations use them: a backbone's graph and its arrays.
 
 An `Encoder` is the backbone alone (no projection head): attacks fine-tune it and downstream
-evaluation reads its pooled feature. It comes from a pre-training state or from a checkpoint on disk.
+evaluation reads its pooled feature. It comes from a pre-training state, from a checkpoint on disk or from a
+PyTorch file (jaxpurify.interop).
 """
 
 import functools
@@ -15,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxpurify import augment, parallel
+from jaxpurify import augment, interop, parallel
 from jaxpurify.errors import UserError
 from jaxpurify.models import build_encoder
 from jaxpurify.train import checkpoint
@@ -114,13 +115,9 @@ def _match(expected, stored, where: str, directory: str, model_config):
           for k, v in expected.items()}
 
 
-def load_backbone(path: str, model_config, mesh, stages=CLEAN_STAGES,
-                  field: str = "config.attack.clean_encoder") -> Encoder:
-  """The backbone of the finished checkpoint under `path` (find_checkpoint, finished_step), replicated over `mesh`.
-
-  Reads a pre-training state of any SSL method (params/backbone, batch_stats/backbone) or an encoder attack's
-  (params and batch_stats are the backbone); refuses, in one line, another architecture than `model_config`.
-  """
+def restore(path: str, stages=CLEAN_STAGES, field: str = "config.attack.clean_encoder") -> tuple[str, int, dict]:
+  """(ckpt folder, step, orbax's nested dicts) of the finished checkpoint under `path` (find_checkpoint,
+  finished_step); UserError for one that cannot be read."""
   directory = os.path.abspath(find_checkpoint(path, stages, field))
   step = finished_step(directory, field)
   mngr = ocp.CheckpointManager(directory)
@@ -131,6 +128,13 @@ def load_backbone(path: str, model_config, mesh, stages=CLEAN_STAGES,
                     "finished run") from None
   finally:
     mngr.close()
+  return directory, step, raw
+
+
+def backbone_from(raw: dict, model_config, directory: str, field: str) -> Encoder:
+  """The backbone (host arrays) in a restored state `raw`: a pre-training state of any SSL method
+  (params/backbone, batch_stats/backbone) or an encoder attack's (params and batch_stats are the backbone);
+  refuses, in one line, another architecture than `model_config`."""
   like = build_backbone(model_config, 0)
   found = []
   for kind, state in (("params", like.params), ("batch_stats", like.batch_stats)):
@@ -142,4 +146,23 @@ def load_backbone(path: str, model_config, mesh, stages=CLEAN_STAGES,
       raise UserError(f"checkpoint {directory} holds no encoder backbone; point {field} to a finished run")
     nnx.replace_by_pure_dict(state, _match(expected, stored, "", directory, model_config))
     found.append(state)
-  return Encoder(like.graphdef, *parallel.put_replicated(tuple(found), mesh))
+  return Encoder(like.graphdef, *found)
+
+
+def load_backbone(path: str, model_config, mesh, stages=CLEAN_STAGES,
+                  field: str = "config.attack.clean_encoder") -> Encoder:
+  """The backbone of the finished checkpoint under `path` (restore, backbone_from), replicated over `mesh`.
+
+  A PyTorch file (.pth, .pt, .tar, .safetensors) is imported instead (interop.load_torch, with
+  model_config.import_map, default 'auto'), its pickle never run.
+  """
+  if interop.is_torch_file(path):
+    if not os.path.isfile(path):
+      raise UserError(f"{path} does not exist; set {field} to a PyTorch checkpoint file or a finished run")
+    backbone = interop.load_torch(path, model_config.name, model_config.width,
+                                  model_config.get("import_map", "auto"))
+    graphdef, params, batch_stats = nnx.split(backbone, nnx.Param, nnx.BatchStat)
+    return Encoder(graphdef, *parallel.put_replicated((params, batch_stats), mesh))
+  directory, _, raw = restore(path, stages, field)
+  encoder = backbone_from(raw, model_config, directory, field)
+  return Encoder(encoder.graphdef, *parallel.put_replicated((encoder.params, encoder.batch_stats), mesh))

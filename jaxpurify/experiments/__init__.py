@@ -16,7 +16,7 @@ from types import ModuleType
 
 import jax
 
-from jaxpurify import data, parallel, validation
+from jaxpurify import data, interop, parallel, validation
 from jaxpurify.errors import UserError
 from jaxpurify.evaluation import PROTOCOLS
 from jaxpurify.models import check_name
@@ -37,11 +37,12 @@ def module(name: str) -> ModuleType:
 
 
 def check_common(config) -> None:
-  """What every experiment needs: every number in its range, the mesh, a known encoder, pre-training method and
-  evaluation protocols, its data sets prepared, and a pre-training batch no larger than the data."""
+  """What every experiment needs: every number in its range, the mesh, a known encoder and import map, pre-training
+  method and evaluation protocols, its data sets prepared, and a pre-training batch no larger than the data."""
   validation.check(config)
   parallel.make_mesh(config.mesh)
   check_name(config.model.name)
+  interop.keymaps.parse(config.model.import_map)
   if config.pretrain.method not in METHODS:
     raise UserError(f"unknown pre-training method {config.pretrain.method!r}; set config.pretrain.method to one "
                     f"of {', '.join(METHODS)}")
