@@ -38,21 +38,23 @@ def _flag_name(item: str) -> str:
   return item.lstrip("-").partition("=")[0]
 
 
-def parse_argv(argv: list[str], usage: str = USAGE, extra_flags: dict | None = None, workdir: bool = True) -> Args:
+def parse_argv(argv: list[str], usage: str = USAGE, extra_flags: dict | None = None, workdir: bool = True,
+               config: bool = True) -> Args:
   """Splits argv (without the program's name) into Args; --config is required, other names refused.
 
   extra_flags: {name: (default, parse(text) -> value)} of a tool's own flags (`--name=value` or `--name value`).
-  workdir: whether --workdir is one of the flags.
+  workdir: whether --workdir is one of the flags. config: whether --config is (False: refused; Args.config None).
   """
   extra_flags = extra_flags or {}
-  takes_workdir, config, workdir = workdir, None, None
+  takes_workdir, takes_config, config, workdir = workdir, config, None, None
   overrides, distributed, extra = [], False, {name: default for name, (default, _) in extra_flags.items()}
   args = list(argv)
   while args:
     item = args.pop(0)
     name, eq, value = _flag_name(item), "=" in item, item.partition("=")[2]
-    if not item.startswith("--") or not (name in ("config", "distributed") or name in extra_flags
-                                         or name.startswith("config.") or (name == "workdir" and takes_workdir)):
+    if not item.startswith("--") or not (name == "distributed" or name in extra_flags
+                                         or ((name == "config" or name.startswith("config.")) and takes_config)
+                                         or (name == "workdir" and takes_workdir)):
       raise UserError(f"unknown argument {item!r}; {usage}")
     if name == "distributed" and not eq:
       distributed = True
@@ -72,6 +74,8 @@ def parse_argv(argv: list[str], usage: str = USAGE, extra_flags: dict | None = N
       extra[name] = extra_flags[name][1](value)
     else:
       overrides.append(item)
+  if not takes_config:
+    return Args(None, None, workdir, overrides, distributed, extra)
   if config is None:
     raise UserError(f"--config is required; {usage}")
   path, _, arg = config.partition(":")
