@@ -7,6 +7,8 @@ jaxpurify.export`). Key maps are in `keymaps`; the file readers in `torchfile` a
 
 import collections
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -45,10 +47,10 @@ def load_torch(path: str, model: str = "resnet18", width: int = 64, import_map: 
   chosen = keymaps.parse(import_map)
   state_dict = read_state_dict(path)
   chosen = chosen or keymaps.detect(state_dict, path)
-  backbone = build_encoder(model, width, rngs=nnx.Rngs(0))
+  backbone = nnx.eval_shape(lambda: build_encoder(model, width, rngs=nnx.Rngs(0)))  # shapes; the file fills all
   params, batch_stats = (nnx.to_pure_dict(nnx.state(backbone, kind)) for kind in (nnx.Param, nnx.BatchStat))
   keymaps.to_jax(state_dict, backbone, chosen, params, batch_stats, path, f"{model} width {width}")
-  nnx.update(backbone, params, batch_stats)
+  nnx.update(backbone, *jax.tree.map(jnp.asarray, (params, batch_stats)))
   return backbone
 
 

@@ -87,8 +87,8 @@ def _get(tree, path):
 
 def to_jax(state_dict: dict, backbone, import_map: ImportMap, params: dict, batch_stats: dict, path: str,
            what: str) -> None:
-  """Fills the pure dicts `params`/`batch_stats` of `backbone` (nnx.to_pure_dict) from `state_dict` {torch name:
-  array}; UserError (one line) for missing, unexpected or mis-shaped keys. Keys outside the prefix (heads, training
+  """Fills the pure dicts `params`/`batch_stats` of `backbone` (nnx.to_pure_dict; arrays or shapes) from
+  `state_dict` {torch name: array}, every leaf; UserError (one line) for missing, unexpected or mis-shaped keys. Keys outside the prefix (heads, training
   fields) and the style's classifier are not the encoder's and are left out."""
   targets = {}  # torch key -> (tree, jax path, leaf, transpose)
   for conv, conv_path, bn, bn_path in module_names(backbone, import_map):
@@ -108,13 +108,13 @@ def to_jax(state_dict: dict, backbone, import_map: ImportMap, params: dict, batc
     value = np.asarray(state_dict[key])
     value = value.transpose(transpose) if transpose else value
     like = _get(tree, module_path)[leaf]
-    if value.shape != np.shape(like):
-      needed = tuple(np.shape(like)[i] for i in np.argsort(transpose)) if transpose else np.shape(like)
+    if value.shape != like.shape:
+      needed = tuple(like.shape[i] for i in np.argsort(transpose)) if transpose else like.shape
       hint = (" (a 7×7 first conv is torchvision's ImageNet stem: the resnet*_imagenet models; a 3×3 one the CIFAR "
-              "stem)") if transpose and value.shape[:2] != np.shape(like)[:2] else ""
+              "stem)") if transpose and value.shape[:2] != like.shape[:2] else ""
       raise UserError(f"{path}: {key} has shape {tuple(np.shape(state_dict[key]))}, the {what} needs {needed}{hint}; "
                       "set config.model (name, width) to the checkpoint's architecture")
-    _get(tree, module_path)[leaf] = value.astype(np.asarray(like).dtype)
+    _get(tree, module_path)[leaf] = value.astype(like.dtype)
 
 
 def _bn_to_torch(out: dict, name: str, params: dict, stats: dict, batches: int) -> None:

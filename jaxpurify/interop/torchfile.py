@@ -125,13 +125,16 @@ def _array(ref: TensorRef, storages: dict, path: str) -> np.ndarray:
   if not ints or len(ref.size) != len(ref.stride):
     raise _damaged(path, "a tensor has a bad shape")
   start = ref.storage.offset + ref.offset
-  if 0 in ref.size:
-    return np.zeros(ref.size, storage.dtype)
   last = start + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
-  if last >= storage.size:
+  if 0 not in ref.size and last >= storage.size:
     raise _damaged(path, f"a tensor reaches past the end of storage {ref.storage.key}")
   item = storage.dtype.itemsize
-  return np.lib.stride_tricks.as_strided(storage[start:], ref.size, [s * item for s in ref.stride]).copy()
+  try:
+    if 0 in ref.size:
+      return np.zeros(ref.size, storage.dtype)
+    return np.lib.stride_tricks.as_strided(storage[start:], ref.size, [s * item for s in ref.stride]).copy()
+  except ValueError:  # a shape numpy cannot hold
+    raise _damaged(path, "a tensor has a bad shape") from None
 
 
 def _storage_refs(obj) -> list[StorageRef]:
@@ -183,9 +186,9 @@ def _read_legacy(path: str):
         raise _damaged(path, "it ends early or lists unknown storages")
       dtype = dtypes[str(key)]
       count = struct.unpack("<q", head)[0]
-      data = f.read(count * dtype.itemsize)
-      if count < 0 or len(data) != count * dtype.itemsize:
+      if not 0 <= count * dtype.itemsize <= os.fstat(f.fileno()).st_size - f.tell():
         raise _damaged(path, f"storage {key} is truncated")
+      data = f.read(count * dtype.itemsize)
       storages[str(key)] = np.frombuffer(data, dtype)
   return _resolve(obj, storages, path)
 
@@ -197,11 +200,12 @@ def read(path: str):
     raise UserError(f"{path} does not exist; pass the path of a .pth/.pt/.tar or .safetensors file")
   with open(path, "rb") as f:
     head = f.read(4)
-  if head == b"PK\x03\x04":
-    return _read_zip(path)
   if _is_tar(path):
     raise _damaged(path, "a tar archive from PyTorch before 0.4; load and re-save it with a current PyTorch")
-  return _read_legacy(path)
+  try:
+    return _read_zip(path) if head == b"PK\x03\x04" else _read_legacy(path)
+  except RecursionError:
+    raise _damaged(path, "its containers nest too deeply") from None
 
 
 def _is_tar(path: str) -> bool:
