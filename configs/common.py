@@ -172,7 +172,7 @@ def data(name: str, quick: bool) -> ml_collections.ConfigDict:
 
 def model(quick: bool) -> ml_collections.ConfigDict:
   """CIFAR ResNet-18 (quick: width 8) with CIFAR-10 input normalisation. import_map: how an encoder given as a
-  PyTorch file maps onto it ('auto', 'badencoder', 'torchvision', 'STYLE:PREFIX'; docs/interop.md)."""
+  PyTorch file maps onto it ('auto', 'badencoder', 'torchvision', 'ctrl', 'STYLE:PREFIX'; docs/interop.md)."""
   return ml_collections.ConfigDict(dict(name="resnet18", width=8 if quick else 64, mean=CIFAR10_MEAN,
                                         std=CIFAR10_STD, import_map="auto"))
 

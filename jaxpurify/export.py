@@ -1,14 +1,15 @@
 """A run's encoder as a PyTorch checkpoint with the key names of the model it came from (docs/interop.md):
 
   python -m jaxpurify.export --workdir runs/X [--stage distill] [--format safetensors|torch]
-                             --map badencoder|torchvision OUT
+                             --map badencoder|torchvision|ctrl OUT
 
 --stage: the stage whose checkpoint to write (default: the run's last encoder, the first finished of distill,
 attack, pretrain_poisoned, pretrain). --map badencoder: BadEncoder's and DRUPE's SimCLR keys, `f.f.*` and `g.*`
 from the stage's projection head where it has one; in torch format inside {'state_dict': ...} as their scripts read
-it. --map torchvision: torchvision's ResNet names, no `fc`. --format (default: from OUT's suffix, .safetensors or
-.pth/.pt/.tar): torch writes a zip archive that `torch.load(OUT, weights_only=True)` reads, made without torch. Bad
-input ends in one `error: ...` line and exit status 2.
+it. --map torchvision: torchvision's ResNet names, no `fc`. --map ctrl: CTRL's `backbone.*` (no projection head);
+in torch format inside {'epoch': step, 'state_dict': ...} as its utils/util.py load_model reads it. --format
+(default: from OUT's suffix, .safetensors or .pth/.pt/.tar): torch writes a zip archive that `torch.load(OUT,
+weights_only=True)` reads, made without torch. Bad input ends in one `error: ...` line and exit status 2.
 """
 
 import json
@@ -24,7 +25,7 @@ from jaxpurify.errors import UserError
 from jaxpurify.models import ProjectionHead
 
 USAGE = ("usage: python -m jaxpurify.export --workdir runs/X [--stage STAGE] [--format safetensors|torch] "
-         "--map badencoder|torchvision OUT")
+         "--map badencoder|torchvision|ctrl OUT")
 FORMATS = {"safetensors": (".safetensors",), "torch": (".pth", ".pt", ".tar")}
 STUDENT_STAGES = ("warmup", "distill")  # stages that train the defense's student (config.defense.student.model)
 
@@ -65,7 +66,7 @@ def projection_head(raw: dict) -> nnx.Module | None:
 def export(workdir: str, out: str, import_map: str, fmt: str | None = None, stage: str | None = None) -> str:
   """Writes the encoder of `workdir`'s `stage` (default: its last) to `out`; -> the line to show."""
   if interop.keymaps.parse(import_map) is None:
-    raise UserError("--map auto has nothing to detect on export; pass --map badencoder or --map torchvision")
+    raise UserError("--map auto has nothing to detect on export; pass --map badencoder, torchvision or ctrl")
   fmt = fmt or next((name for name, suffixes in FORMATS.items() if out.lower().endswith(suffixes)), None)
   if fmt not in FORMATS or not out.lower().endswith(FORMATS[fmt]):
     raise UserError(f"cannot tell the format of {out}: name it .safetensors (--format safetensors) or .pth/.pt/.tar "
@@ -89,7 +90,8 @@ def export(workdir: str, out: str, import_map: str, fmt: str | None = None, stag
   encoder = encoders.backbone_from(raw, model, directory, "--workdir")
   backbone = nnx.merge(encoder.graphdef, encoder.params, encoder.batch_stats)
   tensors = interop.state_dict(backbone, import_map, projection_head(raw), batches=step)
-  interop.write(out, tensors, fmt, wrap={} if fmt == "torch" and import_map.startswith("badencoder") else None)
+  wraps = {"badencoder": {}, "ctrl": {"epoch": step}}  # the checkpoint dicts their scripts read
+  interop.write(out, tensors, fmt, wrap=wraps.get(interop.keymaps.parse(import_map).style) if fmt == "torch" else None)
   return (f"wrote {out}: {len(tensors)} tensors with {import_map} keys ({next(iter(tensors))}, ...) from "
           f"{directory} step {step}")
 

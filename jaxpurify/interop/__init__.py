@@ -41,7 +41,7 @@ def load_torch(path: str, model: str = "resnet18", width: int = 64, import_map: 
   """The jaxpurify backbone `model` (models.ENCODERS) of `width` with the weights of the PyTorch checkpoint at
   `path`; `backbone(x, train=False)` maps normalised NHWC float images [B, H, W, 3] to (pooled [B, D], taps).
 
-  import_map: 'auto' (detected from the key names), 'badencoder', 'torchvision' or 'STYLE:PREFIX' (keymaps).
+  import_map: 'auto' (detected from the key names), 'badencoder', 'torchvision', 'ctrl' or 'STYLE:PREFIX' (keymaps).
   Every problem (missing file, refused pickle global, damaged file, keys or shapes of another architecture) is a
   UserError of one line."""
   chosen = keymaps.parse(import_map)
@@ -61,7 +61,7 @@ def state_dict(backbone: nnx.Module, import_map: str, head: nnx.Module | None = 
   `batches` fills BatchNorm's num_batches_tracked."""
   chosen = keymaps.parse(import_map)
   if chosen is None:
-    raise UserError("export needs an explicit map; pass --map badencoder or --map torchvision")
+    raise UserError("export needs an explicit map; pass --map badencoder, torchvision or ctrl")
   head = head if chosen.style in keymaps.HEADS else None
   pure = [nnx.to_pure_dict(nnx.state(m, kind)) for m in (backbone, head) if m is not None
           for kind in (nnx.Param, nnx.BatchStat)]
@@ -70,7 +70,7 @@ def state_dict(backbone: nnx.Module, import_map: str, head: nnx.Module | None = 
 
 def write(path: str, tensors: dict[str, np.ndarray], fmt: str, wrap: dict | None = None) -> None:
   """`tensors` as `fmt` 'safetensors' or 'torch' (a zip archive of an OrderedDict, inside `wrap` under
-  'state_dict' when given: BadEncoder's checkpoint dict)."""
+  'state_dict' when given: BadEncoder's and CTRL's checkpoint dicts)."""
   if fmt == "safetensors":
     safetensors.write(path, tensors)
   else:

@@ -7,7 +7,12 @@ An import map is `STYLE[:PREFIX]`:
                is `g.0` (Linear, no bias), `g.1` (BatchNorm1d), `g.3` (Linear).
   torchvision  torchvision.models.resnet names: `conv1`, `bn1`, `layer<i>.<j>.conv<k>`/`bn<k>`,
                `layer<i>.<j>.downsample.0`/`.1`; prefix empty; `fc` (the classifier) is not part of the encoder.
-PREFIX replaces the style's prefix (`torchvision:backbone.`, `torchvision:module.encoder.`, `badencoder:f.`).
+  ctrl         the official CTRL (meet-cjli/CTRL, networks/resnet_cifar.py, full_model=False) under its SimCLR's and
+               BYOL's `backbone` (methods/base.py CLModel): `conv1`, `bn1`, `layer<i>.<j>.conv<k>`/`bn<k>`, the
+               projection `layer<i>.<j>.shortcut.0`/`.1`; prefix `backbone.` (BYOL's online encoder; its target
+               is `backbone_k.`, and `encoder_q.0.`/`encoder_k.0.` repeat both).
+PREFIX replaces the style's prefix (`torchvision:backbone.`, `torchvision:module.encoder.`, `badencoder:f.`,
+`ctrl:backbone_k.`).
 Conv weights are OIHW in torch and HWIO here; Linear weights (out, in) in torch, (in, out) here; BatchNorm's
 weight/bias/running_mean/running_var are scale/bias (nnx.Param) and mean/var (nnx.BatchStat); torch's
 `num_batches_tracked` has no counterpart (ignored on import, written on export).
@@ -20,7 +25,7 @@ import numpy as np
 
 from jaxpurify.errors import UserError
 
-STYLES = {"badencoder": "f.f.", "torchvision": ""}
+STYLES = {"badencoder": "f.f.", "torchvision": "", "ctrl": "backbone."}
 HEADS = {"badencoder": "g."}  # where a style keeps its projection head (outside the backbone's prefix)
 BN_FIELDS = (("weight", "scale", "params"), ("bias", "bias", "params"), ("running_mean", "mean", "batch_stats"),
              ("running_var", "var", "batch_stats"))
@@ -49,15 +54,15 @@ def detect(keys, path: str) -> ImportMap:
   """The one import map whose backbone the key names hold; UserError when none or several fit."""
   found = set()
   for key in keys:
-    if m := re.fullmatch(r"(.*)layer1\.0\.conv1\.weight", key):
-      found.add(ImportMap("torchvision", m.group(1)))
+    if m := re.fullmatch(r"(.*)layer1\.0\.conv1\.weight", key):  # the first stride-2 block has a projection
+      found.add(ImportMap("ctrl" if f"{m.group(1)}layer2.0.shortcut.0.weight" in keys else "torchvision", m.group(1)))
     if (m := re.fullmatch(r"(.*)3\.0\.conv1\.weight", key)) and f"{m.group(1)}0.weight" in keys:
       found.add(ImportMap("badencoder", m.group(1)))
   if len(found) != 1:
     sample = ", ".join(list(keys)[:4])
     what = "no ResNet backbone" if not found else f"several backbones ({', '.join(sorted(map(str, found)))})"
     raise UserError(f"{path}: import_map=auto finds {what} in its keys ({sample}, ...); set config.model.import_map "
-                    "(badencoder, torchvision or STYLE:PREFIX, docs/interop.md)")
+                    "(badencoder, torchvision, ctrl or STYLE:PREFIX, docs/interop.md)")
   return found.pop()
 
 
@@ -72,7 +77,8 @@ def module_names(backbone, import_map: ImportMap) -> list[tuple[str, tuple, tupl
       s, b = int(stage[len("stage"):]), int(block[len("block"):])
       base = f"{s + 2}.{b}" if import_map.style == "badencoder" else f"layer{s}.{b}"
       if conv_name == "shortcut":
-        conv, bn = f"{base}.downsample.0", f"{base}.downsample.1"
+        projection = "shortcut" if import_map.style == "ctrl" else "downsample"
+        conv, bn = f"{base}.{projection}.0", f"{base}.{projection}.1"
       else:
         conv, bn = f"{base}.{conv_name}", f"{base}.bn{conv_name[len('conv'):]}"
     out.append((import_map.prefix + conv, conv_path, import_map.prefix + bn, bn_path))

@@ -12,6 +12,13 @@ Files (tests/data/):
   torchvision_resnet50_w4.safetensors  torchvision's ResNet-50 at width 4, written by safetensors.torch.save_file
   prefix_resnet10_w4_legacy.pt      a CIFAR ResNet-10 at width 4 under `backbone.` beside a `head.` Linear, in
                                     torch's legacy (non-zip) format
+  ctrl_simclr_resnet18_w4.pth.tar   CTRL's SimCLRModel (meet-cjli/CTRL methods/SimCLR/simclr.py) at width 4, saved
+                                    as its trainer does (methods/base.py): {'epoch', 'state_dict', 'optimizer'} with
+                                    an SGD whose param_groups a scheduler has touched; keys backbone.* and proj_head.*
+  ctrl_byol_resnet18_w2.pth.tar     CTRL's BYOL (methods/BYOL/byol.py) at width 2, projector/predictor 2048/256
+                                    narrowed to 16/8, after one SGD step (momentum buffers); keys backbone.*,
+                                    backbone_k.*, projector_q/k.*, predictor.*, encoder_q/k.0/1.* (the same modules
+                                    again); its features are the online encoder's, `<stem>_target/...` the target's
   torch_features.npz                per file: `<stem>/x` [B, H, W, 3] normalised NHWC input, `<stem>/pooled` [B, D]
                                     and `<stem>/layer4` [B, h, w, C] (NHWC) of the model in eval mode
 The models here are torchvision's (conv1, bn1, relu, maxpool, layer1..4, avgpool, fc; BasicBlock/Bottleneck with
@@ -104,6 +111,72 @@ class ResNet(nn.Module):
     return torch.flatten(self.avgpool(x), 1), x
 
 
+class CtrlBlock(nn.Module):
+  """CTRL's networks/resnet_cifar.py BasicBlock: conv1, bn1, conv2, bn2 and `shortcut`, an nn.Sequential that is
+  empty (no keys) for the identity."""
+
+  def __init__(self, cin, width, stride):
+    super().__init__()
+    self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(width)
+    self.shortcut = _downsample(cin, width, stride) or nn.Sequential()
+
+  def forward(self, x):
+    out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+    return torch.relu(out + self.shortcut(x))
+
+
+class CtrlResNet(nn.Module):
+  """CTRL's networks/resnet_cifar.py ResNet-18 (full_model=False, so no fc) with `width` for 64: conv1 3×3 stride 1,
+  bn1, relu1, no maxpool, layer1..layer4, avgpool."""
+
+  def __init__(self, width):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.relu1 = nn.ReLU(inplace=True)
+    cin = width
+    for i in range(4):
+      setattr(self, f"layer{i + 1}", nn.Sequential(CtrlBlock(cin, width * 2**i, 1 if i == 0 else 2),
+                                                   CtrlBlock(width * 2**i, width * 2**i, 1)))
+      cin = width * 2**i
+    self.avgpool = nn.AdaptiveAvgPool2d(1)
+
+  def features(self, x):
+    """x [B, 3, H, W] -> (pooled [B, D], layer4 [B, C, h, w])."""
+    x = self.layer4(self.layer3(self.layer2(self.layer1(self.relu1(self.bn1(self.conv1(x)))))))
+    return torch.flatten(self.avgpool(x), 1), x
+
+  def forward(self, x):
+    return self.features(x)[0]
+
+
+class CtrlSimCLR(nn.Module):
+  """CTRL's SimCLRModel for CIFAR: `backbone` (CLModel), `proj_head` Linear(D, D), ReLU, Linear(D, 128)."""
+
+  def __init__(self, width):
+    super().__init__()
+    self.backbone = CtrlResNet(width)
+    dim = width * 8
+    self.proj_head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, 128))
+
+
+class CtrlBYOL(nn.Module):
+  """CTRL's BYOL, modules registered in its order: backbone, backbone_k, projector_q, projector_k, predictor, then
+  encoder_q = (backbone, projector_q) and encoder_k = (backbone_k, projector_k), which state_dict() lists again."""
+
+  def __init__(self, width, hidden, out):
+    super().__init__()
+    self.backbone, self.backbone_k = CtrlResNet(width), CtrlResNet(width)
+    mlp = lambda cin: nn.Sequential(nn.Linear(cin, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                                    nn.Linear(hidden, out))
+    self.projector_q, self.projector_k, self.predictor = mlp(width * 8), mlp(width * 8), mlp(out)
+    self.encoder_q = nn.Sequential(self.backbone, self.projector_q)
+    self.encoder_k = nn.Sequential(self.backbone_k, self.projector_k)
+
+
 class SimCLRBase(nn.Module):
   """BadEncoder's models/simclr_model.py SimCLRBase: the ResNet's children without fc and maxpool, in order,
   conv1 replaced by a 3×3 stride-1 conv."""
@@ -192,6 +265,27 @@ def main():
   torch.save(wrapped.state_dict(), os.path.join(HERE, "prefix_resnet10_w4_legacy.pt"),
              _use_new_zipfile_serialization=False)
   record("prefix_resnet10_w4_legacy", wrapped.backbone, 32)
+
+  ctrl = CtrlSimCLR(4)
+  randomize_batchnorm(ctrl, generator)
+  sgd = torch.optim.SGD(ctrl.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
+  torch.optim.lr_scheduler.CosineAnnealingLR(sgd, 800)  # adds 'initial_lr' to the param_groups, as CTRL's does
+  torch.save({"epoch": 800, "state_dict": ctrl.state_dict(), "optimizer": sgd.state_dict()},
+             os.path.join(HERE, "ctrl_simclr_resnet18_w4.pth.tar"))
+  record("ctrl_simclr_resnet18_w4", ctrl.backbone, 32)
+
+  byol = CtrlBYOL(2, 16, 8)
+  sgd = torch.optim.SGD(byol.parameters(), lr=0.06, momentum=0.9, weight_decay=5e-4)
+  byol.train()
+  x = torch.randn(4, 3, 32, 32, generator=generator)
+  loss = -nn.functional.cosine_similarity(byol.predictor(byol.encoder_q(x)), byol.encoder_k(x).detach()).mean()
+  loss.backward()
+  sgd.step()
+  randomize_batchnorm(byol, generator)
+  torch.save({"epoch": 1, "state_dict": byol.state_dict(), "optimizer": sgd.state_dict()},
+             os.path.join(HERE, "ctrl_byol_resnet18_w2.pth.tar"))
+  record("ctrl_byol_resnet18_w2", byol.backbone, 32)
+  record("ctrl_byol_resnet18_w2_target", byol.backbone_k, 32)
 
   np.savez_compressed(os.path.join(HERE, "torch_features.npz"), **arrays)
 

@@ -1,5 +1,5 @@
 """PyTorch interop: fixtures saved by torch itself (tests/data/make_torch_fixtures.py) import with the features
-torch computed, exports round-trip through both file formats and both key maps (and, where torch is installed,
+torch computed, exports round-trip through both file formats and all three key maps (and, where torch is installed,
 into the PyTorch models with strict loading), and hostile or damaged files stop with one line, nothing run."""
 
 import importlib.util
@@ -26,9 +26,13 @@ DATA = os.path.join(ROOT, "tests", "data")
 # (file, jaxpurify model, width): every architecture and format the fixtures cover
 FIXTURES = (("badencoder_resnet18_w8.pth", "resnet18", 8), ("torchvision_resnet18_w8.pth", "resnet18_imagenet", 8),
             ("torchvision_resnet50_w4.safetensors", "resnet50_imagenet", 4),
-            ("prefix_resnet10_w4_legacy.pt", "resnet10", 4))
-# float32 features computed by two libraries: max |difference| <= TOLERANCE * max(1, max |feature|) (measured: 3e-7
-# on the fixtures, features up to ~1; 1e-6 relative on the exports)
+            ("prefix_resnet10_w4_legacy.pt", "resnet10", 4), ("ctrl_simclr_resnet18_w4.pth.tar", "resnet18", 4))
+# per export map: the fixture whose key names and order an export must have, its jaxpurify model and width
+MAP_FIXTURES = {"badencoder": ("badencoder_resnet18_w8.pth", "resnet18", 8),
+                "torchvision": ("torchvision_resnet18_w8.pth", "resnet18_imagenet", 8),
+                "ctrl": ("ctrl_simclr_resnet18_w4.pth.tar", "resnet18", 4)}
+# float32 features computed by two libraries: max |difference| <= TOLERANCE * max(1, max |feature|) (measured: <= 7e-7
+# on the fixtures, features up to ~1.4; 1e-6 relative on the exports)
 TOLERANCE = 1e-5
 
 
@@ -86,10 +90,24 @@ class FixtureTest(parameterized.TestCase):
   @parameterized.parameters(*FIXTURES)
   def test_features_match_torch(self, filename, model, width):
     backbone = interop.load_torch(os.path.join(DATA, filename), model, width)  # import_map auto
-    stem = os.path.splitext(filename)[0]
+    self.assert_matches(backbone, filename.split(".")[0])
+
+  def assert_matches(self, backbone, stem: str):
+    """`backbone`'s eval features on `stem`'s input are torch's."""
     pooled, taps = features(backbone, self.expected[f"{stem}/x"])
     assert_features_close(pooled, self.expected[f"{stem}/pooled"])
     assert_features_close(taps["layer4"], self.expected[f"{stem}/layer4"])
+
+  def test_ctrl_byol_online_and_target_encoders(self):
+    path = os.path.join(DATA, "ctrl_byol_resnet18_w2.pth.tar")
+    with self.assertRaisesRegex(UserError, r"import_map=auto finds several backbones \(ctrl:backbone\., "
+                                r"ctrl:backbone_k\., ctrl:encoder_k\.0\., ctrl:encoder_q\.0\.\)") as caught:
+      interop.load_torch(path, "resnet18", 2)
+    assert_one_line(self, caught.exception)
+    online = interop.load_torch(path, "resnet18", 2, "ctrl")
+    self.assert_matches(online, "ctrl_byol_resnet18_w2")
+    self.assert_matches(interop.load_torch(path, "resnet18", 2, "ctrl:backbone_k."), "ctrl_byol_resnet18_w2_target")
+    assert_same_backbone(self, interop.load_torch(path, "resnet18", 2, "ctrl:encoder_q.0."), online)
 
   def test_explicit_maps_and_mismatches(self):
     path = os.path.join(DATA, "badencoder_resnet18_w8.pth")
@@ -107,6 +125,9 @@ class FixtureTest(parameterized.TestCase):
         (os.path.join(DATA, "torchvision_resnet18_w8.pth"), "resnet18", 8, "auto", r"conv1\.weight has shape "
          r"\(8, 3, 7, 7\), .*needs \(8, 3, 3, 3\) \(a 7×7 first conv is torchvision's ImageNet stem"),
         (path, "resnet18", 8, "timm", r"unknown import map 'timm'"),
+        (os.path.join(DATA, "ctrl_simclr_resnet18_w4.pth.tar"), "resnet18", 4, "torchvision:backbone.",
+         (r"missing: backbone\.layer2\.0\.downsample\.0\.weight, .*; unexpected: "
+          r"backbone\.layer2\.0\.shortcut\.0\.weight")),
         (os.path.join(DATA, "torch_features.npz"), "resnet18", 8, "auto", r"not a readable PyTorch checkpoint"),
     )
     for file, model, width, import_map, message in cases:
@@ -133,13 +154,14 @@ def interop_config():
 class RoundTripTest(parameterized.TestCase):
   """jaxpurify -> file -> jaxpurify, the key names those of the PyTorch models (taken from the fixtures)."""
 
-  @parameterized.product(fmt=("torch", "safetensors"), import_map=("badencoder", "torchvision"))
+  @parameterized.product(fmt=("torch", "safetensors"), import_map=tuple(MAP_FIXTURES))
   def test_export_then_import_is_exact(self, fmt, import_map):
-    model = "resnet18" if import_map == "badencoder" else "resnet18_imagenet"
-    backbone, head = random_backbone(model, 8, seed=1), ProjectionHead(64, 64, 128, rngs=nnx.Rngs(2))
+    filename, model, width = MAP_FIXTURES[import_map]
+    backbone = random_backbone(model, width, seed=1)
+    head = ProjectionHead(width * 8, width * 8, 128, rngs=nnx.Rngs(2))  # written by badencoder only
     tensors = interop.state_dict(backbone, import_map, head, batches=3)
-    fixture = interop.read_state_dict(os.path.join(DATA, f"{import_map}_resnet18_w8.pth"))
-    self.assertEqual(list(tensors), [k for k in fixture if not k.startswith("fc.")])  # names and torch's order
+    fixture = interop.read_state_dict(os.path.join(DATA, filename))
+    self.assertEqual(list(tensors), [k for k in fixture if not k.startswith(("fc.", "proj_head."))])  # torch's order
     for key, value in tensors.items():
       self.assertEqual(value.shape, fixture[key].shape, key)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +169,7 @@ class RoundTripTest(parameterized.TestCase):
       interop.write(path, tensors, fmt, wrap={"epoch": 3} if import_map == "badencoder" else None)
       for key, value in interop.read_state_dict(path).items():
         np.testing.assert_array_equal(value, tensors[key])
-      assert_same_backbone(self, interop.load_torch(path, model, 8), backbone)
+      assert_same_backbone(self, interop.load_torch(path, model, width), backbone)
 
   def test_torch_writer_keeps_plain_values(self):
     obj = {"epoch": 2**40, "lr": 0.5, "flags": [True, False, None], "pair": (1, "a"),
@@ -212,6 +234,14 @@ class ExportCommandTest(absltest.TestCase):
     for key, value in expected.items():
       np.testing.assert_array_equal(saved["state_dict"][key], value)
     assert_same_backbone(self, interop.load_torch(out, "resnet18", 4), self.backbone)
+
+  def test_ctrl_checkpoint_layout(self):
+    out = os.path.join(self.tmp, "last.pth.tar")
+    self.assertEqual(cli_main("--workdir", self.workdir, "--map", "ctrl", out, main=export.main)[:2], (0, []))
+    saved = torchfile.read(out)
+    self.assertEqual(saved["epoch"], 4)
+    self.assertEqual(list(saved["state_dict"]), list(interop.state_dict(self.backbone, "ctrl", batches=4)))
+    assert_same_backbone(self, interop.load_torch(out, "resnet18", 4), self.backbone)  # auto finds ctrl
 
   def test_bad_input(self):
     out = os.path.join(self.tmp, "x.safetensors")
@@ -317,19 +347,22 @@ class TorchRoundTripTest(absltest.TestCase):
     x = np.random.default_rng(0).standard_normal((4, 64, 64, 3)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
       workdir, backbone, _ = distill_run(tmp)
+      ctrl = torch.nn.Module()  # CTRL's utils/util.py load_model keeps `backbone.*` for its ResNet, strict
+      ctrl.backbone = models.CtrlResNet(4)
       torch_models = {"badencoder": models.SimCLR("resnet18", 4, feature_dim=8),
-                      "torchvision": models.ResNet("resnet18", 4)}
+                      "torchvision": models.ResNet("resnet18", 4), "ctrl": ctrl}
       torch_models["torchvision"].fc = torch.nn.Identity()
-      jax_models = {"badencoder": backbone, "torchvision": random_backbone("resnet18_imagenet", 4, seed=5)}
+      jax_models = {"badencoder": backbone, "torchvision": random_backbone("resnet18_imagenet", 4, seed=5),
+                    "ctrl": backbone}
       for name, torch_model in torch_models.items():
         out = os.path.join(tmp, f"{name}.pth")
-        if name == "badencoder":  # the run's defended encoder, through the export command
+        if name != "torchvision":  # the run's defended encoder, through the export command
           self.assertEqual(cli_main("--workdir", workdir, "--map", name, out, main=export.main)[0], 0)
         else:
           interop.write(out, interop.state_dict(jax_models[name], name), "torch")
         saved = torch.load(out, weights_only=True)
-        torch_model.load_state_dict(saved["state_dict"] if name == "badencoder" else saved, strict=True)
-        pooled, layer4 = models.features(torch_model, x)
+        torch_model.load_state_dict(saved if name == "torchvision" else saved["state_dict"], strict=True)
+        pooled, layer4 = models.features(torch_model.backbone if name == "ctrl" else torch_model, x)
         expected_pooled, taps = features(jax_models[name], x)
         for actual, desired in ((pooled, expected_pooled), (layer4, taps["layer4"])):
           print(f"{name}: max feature difference {np.abs(actual - desired).max():.2e}, features up to "
