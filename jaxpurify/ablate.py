@@ -12,9 +12,11 @@ and prints the table.
 
   python -m jaxpurify.ablate --config configs/badencoder.py:quick --seeds 5
 
-`--seeds` runs the experiment (or its ablation) once per seed in WORKDIR/seed<N>/ and writes WORKDIR/seeds.md and
-WORKDIR/seeds.json: every metric as mean ± std (n), min, max and per seed (`jaxpurify.seeds`). It works for every
-experiment, with or without an ablation.
+`--seeds` runs the experiment (or its ablation; `--grid none`: the experiment alone) once per seed in
+WORKDIR/seed<N>/ and writes WORKDIR/seeds.md and WORKDIR/seeds.json: every metric as mean ± std (n), min, max and
+per seed (`jaxpurify.seeds`). It works for every experiment, with or without an ablation. "{seed}" in a string
+field becomes each seed's number, so a sweep can reuse another sweep's stages:
+`--config.attack.clean_encoder=runs/badencoder-seeds/seed{seed}`.
 """
 
 import json
@@ -27,7 +29,7 @@ from jaxpurify import cli, experiments, seeds
 from jaxpurify.errors import UserError
 
 USAGE = ("usage: python -m jaxpurify.ablate --config configs/NAME.py[:ARGS] "
-         "[--workdir DIR] [--grid oat|full] [--seeds N|S0,S1,...] [--config.a.b=V ...]")
+         "[--workdir DIR] [--grid oat|full|none] [--seeds N|S0,S1,...] [--config.a.b=V ...]")
 
 
 def main(argv: list[str]) -> int:
@@ -38,16 +40,19 @@ def main(argv: list[str]) -> int:
   def body():
     parsed = cli.parse_argv(argv, USAGE, {"grid": ("oat", str), "seeds": (None, seeds.parse)})
     grid, seed_list = parsed.extra["grid"], parsed.extra["seeds"]
-    if grid not in ("oat", "full"):
-      raise UserError(f"--grid {grid!r}: use 'oat' (one factor at a time) or 'full'; {USAGE}")
+    if grid not in ("oat", "full", "none") or (grid == "none" and seed_list is None):
+      raise UserError(f"--grid {grid!r}: use 'oat' (one factor at a time), 'full', or 'none' with --seeds (the "
+                      f"experiment alone over seeds); {USAGE}")
     config = cli.load_config(parsed.config, parsed.arg, parsed.overrides)
     experiment = experiments.module(config.experiment)
-    if not hasattr(experiment, "ablate") and seed_list is None:
-      ablated = [n for n in experiments.names() if hasattr(experiments.module(n), "ablate")]
+    ablated = hasattr(experiment, "ablate") and grid != "none"
+    if not ablated and seed_list is None:
+      names = [n for n in experiments.names() if hasattr(experiments.module(n), "ablate")]
       raise UserError(f"experiment {config.experiment!r} has no ablation; ablations exist for "
-                      f"{', '.join(ablated)} (configs/{'.py, configs/'.join(ablated)}.py), and --seeds runs any "
+                      f"{', '.join(names)} (configs/{'.py, configs/'.join(names)}.py), and --seeds runs any "
                       "experiment over seeds")
-    name = getattr(experiment, "ABLATION_NAME", config.experiment) + ("-seeds" if seed_list else "")
+    name = (getattr(experiment, "ABLATION_NAME", config.experiment) if ablated else config.experiment) + (
+        "-seeds" if seed_list else "")
     suffix = "-" + parsed.arg if parsed.arg else ""
     where["workdir"] = workdir = parsed.workdir or os.path.join("runs", name + suffix)
     if seed_list is None:
@@ -60,7 +65,7 @@ def main(argv: list[str]) -> int:
     for seed in seed_list:
       cell, cell_dir = seeds.seed_config(config, seed), seeds.seed_workdir(workdir, seed)
       print(f"\n##### seed {seed} ({cell_dir})", flush=True)
-      if hasattr(experiment, "ablate"):
+      if ablated:
         rows_per_seed[seed] = experiment.ablate(cell, cell_dir, grid)[0]
       else:
         rows_per_seed[seed] = seeds.evaluation_rows(experiments.run(cell, cell_dir))

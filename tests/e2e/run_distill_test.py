@@ -3,10 +3,12 @@ stages (linked, as an ablation's cells share them); teacher, warm-up, distillati
 
 import json
 import os
+import shutil
 
 import pytest
 
-from helpers import run_experiment
+from helpers import cli_main, run_experiment
+from jaxpurify import ablate
 
 pytestmark = pytest.mark.integration
 
@@ -36,3 +38,15 @@ def test_distillation_defense_end_to_end(clean_run, badencoder_run, tmp_path):
   assert {"loss", "nt_xent", "at_layer1", "at_layer4"} <= set(metrics[-1])
   with open(os.path.join(workdir, "distill.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+  # `ablate --seeds 100 --grid none`: the finished run as seed 100 resumes to its own rows, no grid cells.
+  seeds_dir = str(tmp_path / "seeds")
+  shutil.copytree(workdir, os.path.join(seeds_dir, "seed100"))  # the linked stages copied as folders
+  status, lines, _ = cli_main("--config", "configs/distill.py:tiny", "--seeds", "100", "--grid", "none",
+                              "--workdir", seeds_dir, f"--config.attack.clean_encoder={clean_run[0]}",
+                              main=ablate.main)
+  assert status == 0, lines
+  assert sorted(os.listdir(seeds_dir)) == ["seed100", "seeds.json", "seeds.md"]
+  pooled = {row["row"]: row for row in read(seeds_dir, "seeds.json")}
+  assert set(pooled) == set(evaluations)
+  assert all(pooled[name]["asr"]["values"]["100"] == evaluations[name]["asr"] for name in evaluations)

@@ -61,7 +61,8 @@ class AblateTest(absltest.TestCase):
     self.assertIn("acc 90.00, asr 98.00", text)
 
   def test_bad_input_is_one_error_line(self):
-    for argv in (["--config", "configs/simclr.py:quick"], ["--config", "configs/distill.py:quick", "--grid", "x"]):
+    for argv in (["--config", "configs/simclr.py:quick"], ["--config", "configs/distill.py:quick", "--grid", "x"],
+                 ["--config", "configs/distill.py:quick", "--grid", "none"]):  # none: only with --seeds
       out, err = io.StringIO(), io.StringIO()
       with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = ablate.main(argv)
