@@ -1,4 +1,5 @@
-"""Every test runs on 8 fake CPU devices, set before JAX is imported, with fast compiles and one persistent
+"""Every test runs on 8 fake CPU devices, set before JAX is imported (and before jaxpurify, which gives XLA's
+CPU pool enough threads for their collectives), with fast compiles and one persistent
 compilation cache that the test workers and the CLI processes they start share (environment variables, which
 subprocesses inherit)."""
 
@@ -13,6 +14,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxp
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
+import jaxpurify  # noqa: E402,F401  (sizes XLA's CPU thread pool for the 8 devices; see its __init__)
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
