@@ -78,7 +78,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A quick config shrunk to test size, every block it has: ResNet-10 at width 4 (BYOL's heads 16 wide), 2
   pre-training epochs at batch 64, a 5-epoch MLP evaluation with the kNN monitor (a 5-epoch linear probe where a
   monitor asks for it), 1 attack epoch at batch 128, 1-2 epochs of each defense stage, 1 fine-tuning epoch, one
-  confusion round and a few steps of each T-Core stage, a few of the attacks' auxiliary models."""
+  confusion round and a few steps of each T-Core stage and each baseline defense, a few of the attacks' auxiliary
+  models."""
   c.model.update(name="resnet10", width=4)
   c.pretrain.head.dim = 8
   if "byol" in c.pretrain:
@@ -105,6 +106,12 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     e.update(ratios=e.ratios[:1], lambdas=e.lambdas[:1], lrs=e.lrs[:1], iters=(4,), pretrain_epochs=(1,))
     c.tcore.boot.update(schedule=(0.6,), steps_per_stage=2)
     c.tcore.filter.u_grid = (3.0,)
+  if "baseline" in c:
+    b = c.baseline
+    b.strip.blends = 4
+    b.ct.update(ratios=b.ct.ratios[:1], lambdas=b.ct.lambdas[:1], lrs=b.ct.lrs[:1], iters=(4,), pretrain_epochs=(1,))
+    b.asset.update(inner_steps=2, epochs=1)
+    b.abl.update(isolation_epochs=1, unlearn_epochs=1)
   return c
 
 

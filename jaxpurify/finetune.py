@@ -63,12 +63,15 @@ def head_only(params) -> object:
   return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[0], "key", None) == "head", params)
 
 
-def make_step(graphdef, tx, protocol: str, augment_config, mean, std, param_mask=None):
+def make_step(graphdef, tx, protocol: str, augment_config, mean, std, param_mask=None, objective=None):
   """-> step(state, batch, key) -> (state, metrics) of `protocol` (PROTOCOLS); pure, jit it with the state donated.
 
   batch: 'image' uint8 [B, H, W, 3] and 'label' int32 [B], sharded along `data`. augment_config: padding,
   flip_prob. param_mask: a tree like the params of multipliers applied after every update (pruned channels
-  stay 0), or None. metrics: loss (mean cross-entropy), accuracy (on the augmented batch) and the health norms.
+  stay 0), or None. objective: a jnp scalar -> scalar function of the batch's mean cross-entropy that the step
+  minimises (e.g. ABL's flooding or `jnp.negative`), or None for the mean cross-entropy itself.
+  metrics: loss (the minimised value), ce (the mean cross-entropy, only with an objective), accuracy (on the
+  augmented batch) and the health norms.
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f"unknown fine-tuning protocol {protocol!r}; use one of {PROTOCOLS}")
@@ -86,15 +89,17 @@ def make_step(graphdef, tx, protocol: str, augment_config, mean, std, param_mask
         params = jax.tree.map(lambda p, keep: p if keep else jax.lax.stop_gradient(p), params, head_only(params))
       model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
       logits = model(x, train_backbone=train_backbone, dropout_key=drop_key)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-      return loss, (logits, nnx.state(model, nnx.BatchStat))
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      loss = ce if objective is None else objective(ce)
+      return loss, (ce, logits, nnx.state(model, nnx.BatchStat))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (ce, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state, health = apply_gradients(state, tx, grads, batch_stats)
     if param_mask is not None:
       state = state.replace(params=jax.tree.map(lambda p, m: p * m, state.params, param_mask))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return state, {"loss": loss, "accuracy": accuracy, **health}
+    reported_ce = {} if objective is None else {"ce": ce}
+    return state, {"loss": loss, **reported_ce, "accuracy": accuracy, **health}
 
   return step
 
@@ -143,11 +148,12 @@ def classifier_mask(params, encoder_mask):
 
 
 def finetune_training(config, protocol: str, encoder: Encoder, images: np.ndarray, labels: np.ndarray,
-                      num_classes: int, mesh, encoder_mask=None, block=None):
+                      num_classes: int, mesh, encoder_mask=None, block=None, objective=None):
   """-> (graphdef, state at step 0, jitted donating step, DeviceDataset, number of steps) of `protocol` on
   uint8 images [N, H, W, 3] with labels [N], starting from `encoder`. encoder_mask: multipliers over the encoder's
   params applied after every update (pruned channels stay 0), or None. block: {optim, train}, default
-  config.finetune[protocol].
+  config.finetune[protocol]. objective: what the step minimises, a function of the mean cross-entropy (make_step's),
+  or None for the cross-entropy.
   """
   ft, block = config.finetune, block or config.finetune[protocol]
   dataset = DeviceDataset({"image": images, "label": labels.astype(np.int32)}, mesh, block.train.batch_size,
@@ -157,8 +163,8 @@ def finetune_training(config, protocol: str, encoder: Encoder, images: np.ndarra
   tx = make_optimizer(block.optim, num_steps, dataset.steps_per_epoch, trainable=trainable)
   graphdef, state = create_state(lambda: build_classifier(encoder, num_classes, ft.head, config.seed), tx, mesh)
   param_mask = classifier_mask(state.params, encoder_mask) if encoder_mask is not None else None
-  step = jax.jit(make_step(graphdef, tx, protocol, ft.augment, config.model.mean, config.model.std, param_mask),
-                 donate_argnums=0)
+  step = jax.jit(make_step(graphdef, tx, protocol, ft.augment, config.model.mean, config.model.std, param_mask,
+                           objective), donate_argnums=0)
   return graphdef, state, step, dataset, num_steps
 
 
@@ -170,16 +176,24 @@ def evaluate_classifier(config, graphdef, state, test: data.ImageSplit, trigger,
   return backdoor_metrics(clean, test.labels, triggered, target)
 
 
+def trained_classifier(run, stage: str, config, protocol: str, encoder: Encoder, images, labels, num_classes: int,
+                       mesh) -> tuple:
+  """-> (graphdef, final state) of `encoder` fine-tuned on (images, labels) with `protocol`: stage `stage`, trained
+  now or restored from its last checkpoint."""
+  graphdef, state, step, dataset, num_steps = finetune_training(config, protocol, encoder, images, labels,
+                                                                num_classes, mesh)
+  state = stages.trained(run, stage, state, num_steps, lambda: stages.train(
+      run, stage, state, step, dataset.batch, config.finetune[protocol].train, num_steps, mesh, config.seed))
+  return graphdef, state
+
+
 def finetune_stage(run, stage: str, config, protocol: str, encoder: Encoder, images, labels,
                    test: data.ImageSplit, trigger, target: int, mesh) -> dict:
   """Fine-tunes `encoder` on (images, labels) with `protocol` (stage `stage`), then -> {acc, asr, asr_all} on
-  `test` with `trigger` and `target`."""
-  if (record := run.done(stage)) is not None:
+  `test` with `trigger` and `target` (kept in the stage's record)."""
+  if "evaluation" in (record := run.done(stage) or {}):
     return record["evaluation"]
-  graphdef, state, step, dataset, num_steps = finetune_training(config, protocol, encoder, images, labels,
-                                                                test.num_classes, mesh)
-  state = stages.train(run, stage, state, step, dataset.batch, config.finetune[protocol].train, num_steps, mesh,
-                       config.seed)
+  graphdef, state = trained_classifier(run, stage, config, protocol, encoder, images, labels, test.num_classes, mesh)
   evaluation_ = evaluate_classifier(config, graphdef, state, test, trigger, target, mesh)
-  run.finish(stage, {"steps": num_steps, "evaluation": evaluation_})
+  run.finish(stage, {**run.done(stage), "evaluation": evaluation_})
   return evaluation_

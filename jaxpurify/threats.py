@@ -86,6 +86,8 @@ class Setting(NamedTuple):
   """A threat, made: the clean encoder, the victim's encoder and training data, the test split and the backdoor.
 
   poison: the positions of the poisoned training samples (empty under threat 1), for the defenses' diagnostics.
+  reserve: the defender's clean labelled images, held out of `train` before poisoning (config.baseline.clean_fraction;
+  None without a baseline block).
   """
   clean: Encoder
   encoder: Encoder
@@ -96,6 +98,35 @@ class Setting(NamedTuple):
   test: data.ImageSplit
   trigger: Callable
   target: int
+  reserve: data.ImageSplit | None = None
+
+
+def clean_reserve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """The defender's hold-out: round(fraction x class size) positions of each class, drawn with `seed`; labels [N]
+  -> (kept, reserved) sorted int64 positions. UserError when a class would give the reserve nothing or everything."""
+  rng, reserved = np.random.default_rng(seed), []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    count = round(fraction * len(members))
+    if not 0 < count < len(members):
+      raise UserError(f"config.baseline.clean_fraction {fraction} leaves class {c} ({len(members)} training images) "
+                      f"with {count} clean reserve images {'and none to train on' if count else ''}; use a fraction "
+                      f"that gives every class at least one reserve image and leaves it at least one")
+    reserved.append(rng.permutation(members)[:count])
+  reserved = np.sort(np.concatenate(reserved))
+  return np.setdiff1d(np.arange(len(labels)), reserved), reserved
+
+
+def _subset(split: data.ImageSplit, positions: np.ndarray) -> data.ImageSplit:
+  return data.ImageSplit(split.images[positions], split.labels[positions], split.num_classes, split.name, split.split)
+
+
+def victim_and_reserve(config, train: data.ImageSplit) -> tuple[data.ImageSplit, data.ImageSplit | None]:
+  """The downstream training split the victim trains on and the defender's reserve (None without config.baseline)."""
+  if "baseline" not in config:
+    return train, None
+  kept, reserved = clean_reserve(train.labels, config.baseline.clean_fraction, config.seed)
+  return _subset(train, kept), _subset(train, reserved)
 
 
 def setting(run, mesh) -> Setting:
@@ -103,7 +134,8 @@ def setting(run, mesh) -> Setting:
   config = run.config
   clean = stages.clean_encoder(run, config, mesh, config.clean_encoder, "config.clean_encoder")
   name = config.finetune.dataset
-  train, test = stages.load_data(config, name, "train"), stages.load_evaluation(config, name, "test")
+  train, reserve = victim_and_reserve(config, stages.load_data(config, name, "train"))
+  test = stages.load_evaluation(config, name, "test")
   victim_images, victim_labels, poison = train.images, train.labels, np.zeros(0, np.int64)
   if "poison" in config:
     poisoned, trigger = poison_data(run, config, train, mesh)
@@ -114,7 +146,7 @@ def setting(run, mesh) -> Setting:
   encoder = clean
   if "attack" in config:
     encoder = stages.attack_encoder(run, "attack", config, clean, mesh, trigger if "poison" in config else None)
-  return Setting(clean, encoder, train, victim_images, victim_labels, poison, test, trigger, target)
+  return Setting(clean, encoder, train, victim_images, victim_labels, poison, test, trigger, target, reserve)
 
 
 def undefended_rows(run, setting_: Setting, mesh) -> dict:
@@ -147,7 +179,7 @@ def check(config) -> None:
   if config.clean_encoder:
     encoders.load_backbone(config.clean_encoder, config.model, parallel.make_mesh(config.mesh),
                            field="config.clean_encoder")
-  train = stages.load_data(config, config.finetune.dataset, "train")
+  train = victim_and_reserve(config, stages.load_data(config, config.finetune.dataset, "train"))[0]
   for protocol in config.finetune.protocols:
     validation.check_fits(config, f"finetune.{protocol}.train.batch_size", len(train.labels),
                           f"{train.name} training images")

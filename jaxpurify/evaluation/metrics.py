@@ -39,3 +39,12 @@ def detection(suspected: np.ndarray, poison: np.ndarray) -> dict:
   hits = int(np.isin(suspected, poison).sum())
   return {"suspected": int(len(suspected)), "precision": hits / len(suspected) if len(suspected) else float("nan"),
           "recall": hits / len(poison) if len(poison) else float("nan")}
+
+
+def removal_rates(removed: np.ndarray, poison: np.ndarray, num_examples: int) -> dict:
+  """A filter's removals against the true poisons of a set of `num_examples`: the count, the true-positive rate
+  (poisons removed / poisons; nan without poisons) and the false-positive rate (clean removed / clean)."""
+  hits = int(np.isin(removed, poison).sum())
+  clean = num_examples - len(poison)
+  return {"removed": int(len(removed)), "tpr": hits / len(poison) if len(poison) else float("nan"),
+          "fpr": (len(removed) - hits) / clean if clean else float("nan")}

@@ -1,4 +1,5 @@
-"""FT-head and FT-all: the frozen encoder, sharded == single-device, the loss, learning, and encoder masks."""
+"""FT-head and FT-all: the frozen encoder, sharded == single-device, the loss, an objective of it, learning, and
+encoder masks."""
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,15 @@ def _images(n=8, size=8, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def _setup(protocol, mesh, num_classes=3):
+def _setup(protocol, mesh, num_classes=3, **step_options):
+  """-> (encoder, graphdef, state, jitted step) of a tiny classifier under SGD; step_options go to make_step."""
   encoder = build_backbone(MODEL, 0)
   tx = make_optimizer(ml_collections.ConfigDict(dict(name="sgd", lr=0.1, weight_decay=5e-4, momentum=0.9)),
                       trainable=finetune.head_only if protocol == "ft_head" else None)
   graphdef, state = create_state(lambda: finetune.build_classifier(encoder, num_classes, HEAD, 0), tx, mesh)
   aug = ml_collections.ConfigDict(dict(padding=1, flip_prob=0.5))
-  step = jax.jit(finetune.make_step(graphdef, tx, protocol, aug, MODEL.mean, MODEL.std), donate_argnums=0)
+  step = jax.jit(finetune.make_step(graphdef, tx, protocol, aug, MODEL.mean, MODEL.std, **step_options),
+                 donate_argnums=0)
   return encoder, graphdef, state, step
 
 
@@ -78,6 +81,23 @@ def test_loss_is_the_cross_entropy_of_the_model_on_the_augmented_batch():
   logits = model(jnp.asarray(x), dropout_key=drop_key)
   expected = optax.softmax_cross_entropy_with_integer_labels(logits, np.arange(16) % 3).mean()
   np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
+
+
+def test_no_objective_is_the_cross_entropy_step_and_an_objective_is_the_loss_of_the_cross_entropy():
+  """objective=None and no objective give identical steps; with an objective, loss = objective(ce), ce is the
+  plain step's loss, and the plain step reports no ce."""
+  mesh = parallel.make_mesh()
+  flooded = lambda ce: jnp.abs(ce - 5.0) + 5.0
+  out = {}
+  for name, options in (("absent", {}), ("none", {"objective": None}), ("flooded", {"objective": flooded})):
+    _, _, state, step = _setup("ft_head", mesh, **options)
+    state, metrics = step(state, _batch(mesh), jax.random.key(3))
+    out[name] = jax.device_get((state.params, metrics))
+  assert_trees_close(out["none"], out["absent"], rtol=0, atol=0)
+  plain, metrics = out["absent"][1], out["flooded"][1]
+  assert "ce" not in plain
+  np.testing.assert_allclose(metrics["ce"], plain["loss"], rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], flooded(metrics["ce"]), rtol=1e-6)
 
 
 def test_ft_head_fits_a_small_labelled_set_and_predict_reads_its_labels():

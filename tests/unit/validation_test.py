@@ -12,14 +12,15 @@ from jaxpurify.poisoning.defaults import ATTACKS
 
 FULL = ["simclr", "moco", "byol", "badencoder", "drupe", "ctrl", "distill", "threat:threat=1,attack=badencoder",
         "threat:threat=2,attack=input_aware", "tcore:threat=3,attack=blended",
-        "distill:attack=drupe,downstream=gtsrb,smoke", "tcore:threat=3,attack=blended,smoke"]
+        "distill:attack=drupe,downstream=gtsrb,smoke", "tcore:threat=3,attack=blended,smoke",
+        "baseline:defense=ct,threat=3,attack=blended"]
 # Together these hold every key of every config: all experiments, and each attack with its own settings block.
 TINY = ["simclr:tiny", "moco:tiny", "byol:tiny", "ctrl:tiny", "distill:tiny", "threat:threat=2,attack=issba,tiny",
         "threat:threat=2,attack=label_consistent,tiny", "threat:threat=2,attack=input_aware,tiny",
-        "tcore:threat=3,attack=blended,tiny"]
+        "tcore:threat=3,attack=blended,tiny", "baseline:defense=ss,threat=2,attack=badnets,tiny"]
 PATHS = {"clean_encoder", "reference_file", "data_dir", "checkpoint", "suspect_encoder", "path"}
 BAD = {"an integer of at least 0": -1, "an integer of at least 1": 0, "in (0, 1]": 0.0, "in [0, 1]": 1.5,
-       "in [0, 1)": 1.0, "a number above 0": 0.0, "a number of at least 0": -0.5}
+       "in [0, 1)": 1.0, "a number above 0": 0.0, "a number of at least 0": -0.5, "in (0, 1)": 1.0}
 
 
 def leaves(node, prefix=""):
@@ -52,6 +53,7 @@ def test_shipped_configs_pass(name_arg):
 
 
 @pytest.mark.parametrize("name_arg", ["distill:tiny", "tcore:threat=3,attack=blended,tiny",
+                                      "baseline:defense=abl,threat=2,attack=badnets,tiny",
                                       "threat:threat=2,attack=input_aware,tiny", "threat:threat=2,attack=issba,tiny"])
 def test_every_ranged_number_out_of_range_is_refused_naming_its_key(name_arg):
   cfg, checked = config(name_arg), 0

@@ -10,9 +10,15 @@ cross-entropy, then run the confusion steps, then keep the lowest-loss `ratio` o
 distilled set. After the last round, the lowest `low_loss_fraction` of the losses are the suspected poisons (a
 seed among them loses its trust, down to a floor per class) and the rest, per class at most `per_class_cap` of
 the class, join the seeds as the trusted set. `expand` runs the rounds as stages of a run.
+
+The round's pieces (`RoundSettings`, `pretraining`, `round_optimizer`, `jitted_confusion_step`,
+`confusion_batches`, `distill`) take one round's settings and the confusion set as arguments: the Confusion
+Training baseline (`defenses/baselines/ct.py`) runs its rounds with them, the defender's clean reserve as the
+confusion set and the inspected set every other step (`make_confusion_only_step`, `alternating_step`).
 """
 
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +31,36 @@ from jaxpurify import augment, finetune, parallel, stages
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.encoders import Encoder
 from jaxpurify.train.state import TrainState, apply_gradients, make_optimizer
+
+
+class RoundSettings(NamedTuple):
+  """One confusion round's settings. trainable: 'head' (frozen encoder) or 'all'; pretrain_optim, pretrain_epochs:
+  the plain fine-tuning; lam, lr, momentum, weight_decay, iters: the confusion steps (SGD); batch_size: inspected
+  images per batch (both phases); seed_batch_size: confusion images per step; log_every: metrics period."""
+  trainable: str
+  pretrain_optim: ml_collections.ConfigDict
+  pretrain_epochs: int
+  lam: float
+  lr: float
+  momentum: float
+  weight_decay: float
+  iters: int
+  batch_size: int
+  seed_batch_size: int
+  log_every: int
+
+
+def round_settings(block, r: int, trainable: str) -> RoundSettings:
+  """Round r's settings from a block with per-round lists (lambdas, lrs, iters, pretrain_epochs) and shared
+  fields (pretrain_optim, momentum, weight_decay, batch_size, seed_batch_size, log_every)."""
+  return RoundSettings(trainable, block.pretrain_optim, block.pretrain_epochs[r], block.lambdas[r], block.lrs[r],
+                       block.momentum, block.weight_decay, block.iters[r], block.batch_size, block.seed_batch_size,
+                       block.log_every)
+
+
+def expand_settings(config, r: int) -> RoundSettings:
+  """T-Core's round r: config.tcore.expand, trainable as expand.trainable says."""
+  return round_settings(config.tcore.expand, r, config.tcore.expand.trainable)
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -47,6 +83,17 @@ def make_confusion_step(graphdef, tx, trainable: str, augment_config, mean, std,
   predictions). loss = ((lam - 1) * CE(seeds, confused labels) + weighted CE(distilled)) / lam.
   trainable: 'head' (frozen encoder, inference BatchNorm) or 'all'.
   """
+  return _make_step(graphdef, tx, trainable, augment_config, mean, std, num_classes, lam, mixed=True)
+
+
+def make_confusion_only_step(graphdef, tx, trainable: str, augment_config, mean, std, num_classes: int):
+  """`make_confusion_step` on a batch of the confusion set alone ('seed_image', 'seed_pred'): loss = CE(seeds,
+  confused labels), the steps between two mixed ones when the inspected set comes every few steps."""
+  return _make_step(graphdef, tx, trainable, augment_config, mean, std, num_classes, None, mixed=False)
+
+
+def _make_step(graphdef, tx, trainable: str, augment_config, mean, std, num_classes: int, lam, mixed: bool):
+  """The confusion step on mixed (inspected + confusion) or confusion-only batches (static `mixed`)."""
   train_backbone = trainable == "all"
   mean, std = jnp.asarray(mean), jnp.asarray(std)
 
@@ -55,9 +102,12 @@ def make_confusion_step(graphdef, tx, trainable: str, augment_config, mean, std,
     aug_key, seed_aug_key, drop_key = jax.random.split(key, 3)
     prepare = lambda k, images: augment.normalize(augment.to_float(
         augment.crop_flip(k, images, augment_config.padding, augment_config.flip_prob)), mean, std)
-    x = jnp.concatenate([prepare(aug_key, batch["image"]), prepare(seed_aug_key, batch["seed_image"])])
+    if mixed:
+      x = jnp.concatenate([prepare(aug_key, batch["image"]), prepare(seed_aug_key, batch["seed_image"])])
+    else:
+      x = prepare(seed_aug_key, batch["seed_image"])
     confused = confused_labels(batch["seed_pred"], state.step, num_classes)
-    n = batch["image"].shape[0]
+    n = batch["image"].shape[0] if mixed else 0
 
     def loss_fn(params):
       if not train_backbone:
@@ -65,15 +115,18 @@ def make_confusion_step(graphdef, tx, trainable: str, augment_config, mean, std,
                               finetune.head_only(params))
       model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
       logits = model(x, train_backbone=train_backbone, dropout_key=drop_key)
+      batch_stats = nnx.state(model, nnx.BatchStat)
+      confusion = optax.softmax_cross_entropy_with_integer_labels(logits[n:], confused).mean()
+      if not mixed:
+        return confusion, ({"confusion_ce": confusion}, batch_stats)
       distilled = optax.softmax_cross_entropy_with_integer_labels(logits[:n], batch["label"])
       distilled = jnp.sum(batch["weight"] * distilled) / jnp.sum(batch["weight"])
-      confusion = optax.softmax_cross_entropy_with_integer_labels(logits[n:], confused).mean()
       loss = ((lam - 1.0) * confusion + distilled) / lam
-      return loss, ((distilled, confusion), nnx.state(model, nnx.BatchStat))
+      return loss, ({"distilled_ce": distilled, "confusion_ce": confusion}, batch_stats)
 
-    (loss, ((distilled, confusion), batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state, health = apply_gradients(state, tx, grads, batch_stats)
-    return state, {"loss": loss, "distilled_ce": distilled, "confusion_ce": confusion, **health}
+    return state, {"loss": loss, **parts, **health}
 
   return step
 
@@ -86,14 +139,15 @@ def sample_losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return -log_probs[np.arange(len(labels)), labels]
 
 
-def distill(losses: np.ndarray, labels: np.ndarray, ratio: float, min_per_class: int) -> np.ndarray:
+def distill(losses: np.ndarray, labels: np.ndarray, ratio: float, min_per_class) -> np.ndarray:
   """CT's distillation: the lowest-loss round(ratio * N) samples, topped up per class with that class's
-  lowest-loss samples to at least `min_per_class`; -> sorted indices."""
+  lowest-loss samples to at least `min_per_class` (an int, or int [C] indexed by class); -> sorted indices."""
   keep = set(np.argsort(losses, kind="stable")[:max(1, round(ratio * len(losses)))].tolist())
+  minimum = np.broadcast_to(min_per_class, (labels.max() + 1,))
   for c in np.unique(labels):
     members = np.where(labels == c)[0]
     members = members[np.argsort(losses[members], kind="stable")]
-    keep.update(members[:min_per_class].tolist())
+    keep.update(members[:minimum[c]].tolist())
   return np.array(sorted(keep), dtype=np.int64)
 
 
@@ -124,7 +178,7 @@ def split_trusted(losses: np.ndarray, labels: np.ndarray, seeds: np.ndarray, low
   return np.array(sorted(trusted), dtype=np.int64), suspected
 
 
-def _restart(state: TrainState, tx, mesh) -> TrainState:
+def restart(state: TrainState, tx, mesh) -> TrainState:
   """The same weights with a fresh optimiser state and step 0, replicated over `mesh`."""
   fresh = lambda s: TrainState(jnp.zeros((), jnp.int32), s.params, s.batch_stats, tx.init(s.params))
   return jax.jit(fresh, out_shardings=parallel.replicated(mesh))(state)
@@ -136,55 +190,94 @@ def _block(optim, batch_size: int, epochs: int, log_every: int) -> ml_collection
       batch_size=batch_size, epochs=epochs, log_every=log_every, checkpoint_every=10**9, keep_checkpoints=1)))
 
 
+def pretraining(config, rs: RoundSettings, encoder: Encoder, images, labels, num_classes: int, mesh):
+  """-> (graphdef, state at step 0, jitted donating step, DeviceDataset, number of steps, train config) of a
+  round's plain fine-tuning of `encoder` + a fresh head on uint8 images [N, H, W, 3] with labels [N] (FT-all when
+  rs.trainable is 'all', else FT-head)."""
+  protocol = "ft_all" if rs.trainable == "all" else "ft_head"
+  block = _block(rs.pretrain_optim, rs.batch_size, rs.pretrain_epochs, rs.log_every)
+  graphdef, state, step, dataset, num_steps = finetune.finetune_training(
+      config, protocol, encoder, images, labels, num_classes, mesh, block=block)
+  return graphdef, state, step, dataset, num_steps, block.train
+
+
+def round_optimizer(rs: RoundSettings):
+  """A round's confusion optimiser: SGD (lr, momentum, weight decay of `rs`), the head only when rs.trainable is
+  'head'."""
+  return make_optimizer(ml_collections.ConfigDict(dict(name="sgd", lr=rs.lr, momentum=rs.momentum,
+                                                       weight_decay=rs.weight_decay)),
+                        trainable=finetune.head_only if rs.trainable == "head" else None)
+
+
 def confusion_optimizer(config, r: int):
-  """Round r's confusion optimiser: SGD (lr, momentum, weight decay of config.tcore.expand), the head only when
-  expand.trainable is 'head'."""
-  e = config.tcore.expand
-  return make_optimizer(ml_collections.ConfigDict(dict(name="sgd", lr=e.lrs[r], momentum=e.momentum,
-                                                       weight_decay=e.weight_decay)),
-                        trainable=finetune.head_only if e.trainable == "head" else None)
+  """T-Core's round r confusion optimiser (config.tcore.expand)."""
+  return round_optimizer(expand_settings(config, r))
+
+
+def confusion_train_config(rs: RoundSettings) -> ml_collections.ConfigDict:
+  """The train config (batch size, logging, checkpointing) `stages.train` runs a round's confusion steps with."""
+  return _block(None, rs.batch_size, 0, rs.log_every).train
+
+
+def jitted_confusion_step(config, rs: RoundSettings, graphdef, tx, num_classes: int, mixed: bool = True):
+  """A round's confusion step, jitted with the state donated: on mixed batches (`make_confusion_step`) or, with
+  `mixed` False, on confusion-only ones (`make_confusion_only_step`); config's augmentation, mean and std."""
+  common = (graphdef, tx, rs.trainable, config.finetune.augment, config.model.mean, config.model.std)
+  if mixed:
+    return jax.jit(make_confusion_step(*common, rs.lam, num_classes), donate_argnums=0)
+  return jax.jit(make_confusion_only_step(*common, num_classes), donate_argnums=0)
+
+
+def alternating_step(mixed, confusion_only):
+  """A step over `confusion_batches` with batch_factor > 1: `mixed` on the batches that hold inspected images,
+  `confusion_only` on the others."""
+  return lambda state, batch, key: (mixed if "image" in batch else confusion_only)(state, batch, key)
+
+
+def confusion_batches(rs: RoundSettings, inspected: dict, confusers: dict, mesh, seed: int, batch_factor: int = 1):
+  """-> batch_fn(step) over inspected {'image', 'label', 'weight'} and confusers {'seed_image', 'seed_pred'}
+  (host arrays): a confusion batch every step, with the next inspected batch every `batch_factor`-th step (steps
+  0, f, 2f, ...)."""
+  inspected_set = DeviceDataset(inspected, mesh, rs.batch_size, seed)
+  confuser_set = DeviceDataset(confusers, mesh, min(rs.seed_batch_size, len(confusers["seed_image"])), seed + 1000)
+  return lambda i: ({} if i % batch_factor else inspected_set.batch(i // batch_factor)) | confuser_set.batch(i)
 
 
 def confusion_training(config, r: int, graphdef, tx, suspects: dict, confusers: dict, num_classes: int, mesh,
                        seed: int):
-  """-> (jitted donating confusion step of round r, batch_fn(step)) over suspects {'image', 'label', 'weight'}
-  and confusers {'seed_image', 'seed_pred'} (host arrays), batched as config.tcore.expand says."""
-  e = config.tcore.expand
-  step = jax.jit(make_confusion_step(graphdef, tx, e.trainable, config.finetune.augment, config.model.mean,
-                                     config.model.std, e.lambdas[r], num_classes), donate_argnums=0)
-  suspect_set = DeviceDataset(suspects, mesh, e.batch_size, seed)
-  confuser_set = DeviceDataset(confusers, mesh, min(e.seed_batch_size, len(confusers["seed_image"])), seed + 1000)
-  return step, lambda i: suspect_set.batch(i) | confuser_set.batch(i)
+  """-> (jitted donating confusion step of T-Core's round r, batch_fn(step)) over suspects {'image', 'label',
+  'weight'} and confusers {'seed_image', 'seed_pred'} (host arrays), batched as config.tcore.expand says."""
+  rs = expand_settings(config, r)
+  return (jitted_confusion_step(config, rs, graphdef, tx, num_classes),
+          confusion_batches(rs, suspects, confusers, mesh, seed))
 
 
 def confusion_round(run, config, r: int, encoder: Encoder, images, labels, distilled: np.ndarray,
                     seeds: np.ndarray, num_classes: int, mesh) -> np.ndarray:
   """Round r of confusion training: fine-tune on the distilled set, confuse with the seeds; -> the per-sample
   cross-entropy float [N] of every sample under the confused model (stage expand<r>_confuse keeps it)."""
-  stage, e = f"expand{r}_confuse", config.tcore.expand
+  stage, rs = f"expand{r}_confuse", expand_settings(config, r)
   path = os.path.join(run.stage_dir(stage), "losses.npy")
   if run.done(stage) is not None:
     return np.load(path)
-  protocol = "ft_all" if e.trainable == "all" else "ft_head"
-  block = _block(e.pretrain_optim, e.batch_size, e.pretrain_epochs[r], e.log_every)
-  graphdef, state, step, dataset, num_steps = finetune.finetune_training(
-      config, protocol, encoder, images[distilled], labels[distilled], num_classes, mesh, block=block)
-  state = stages.train(run, f"expand{r}_pretrain", state, step, dataset.batch, block.train, num_steps, mesh,
+  graphdef, state, step, dataset, num_steps, train_config = pretraining(
+      config, rs, encoder, images[distilled], labels[distilled], num_classes, mesh)
+  state = stages.train(run, f"expand{r}_pretrain", state, step, dataset.batch, train_config, num_steps, mesh,
                        config.seed + r)
   base_pred = np.argmax(finetune.logits(config, graphdef, state, images[seeds], mesh), -1).astype(np.int32)
-  tx = confusion_optimizer(config, r)
-  state = _restart(state, tx, mesh)
+  tx = round_optimizer(rs)
+  state = restart(state, tx, mesh)
   weights = class_weights(labels[distilled], num_classes)[labels[distilled]]
   step, batch_fn = confusion_training(
       config, r, graphdef, tx, {"image": images[distilled], "label": labels[distilled].astype(np.int32),
                                 "weight": weights},
       {"seed_image": images[seeds], "seed_pred": base_pred}, num_classes, mesh, config.seed + r)
-  train_block = _block(None, e.batch_size, 0, e.log_every).train
-  state = stages.train(run, stage, state, step, batch_fn, train_block, e.iters[r], mesh, config.seed + r)
+  state = stages.train(run, stage, state, step, batch_fn, confusion_train_config(rs), rs.iters, mesh,
+                       config.seed + r)
   losses = sample_losses(finetune.logits(config, graphdef, state, images, mesh), labels)
   if jax.process_index() == 0:
     np.save(path, losses)
-  run.finish(stage, {"distilled": len(distilled), "iters": e.iters[r]})
+  run.finish(stage, {"distilled": len(distilled), "iters": rs.iters})
   return losses
 
 
