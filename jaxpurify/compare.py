@@ -10,8 +10,9 @@ setting's keys over them, defense=NAME) in WORKDIR/[seed<N>/]<setting>/<defense>
 encoder, encoder attack, poisoned set, undefended fine-tuning) are made by the first defense and linked into the
 others (also into a defense added to the command later). Writes WORKDIR/compare.md and WORKDIR/compare.json: per
 setting and protocol, defense | acc | asr | asr_all | DER | removed TPR / FPR | clean images used | defense time,
-after the clean and the undefended models, then the mean over the settings. DER is BackdoorBench's defense effectiveness rating
-((max(0, ΔASR) − max(0, ΔACC)) + 1) / 2 against the undefended model. With --seeds every number is mean ± std.
+after the clean and the undefended models, then the mean over the settings. DER is BackdoorBench's defense
+effectiveness rating ((max(0, ΔASR) − max(0, ΔACC)) + 1) / 2 against the undefended model. With --seeds every
+number is mean ± std.
 """
 
 import json

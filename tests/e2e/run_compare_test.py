@@ -1,7 +1,7 @@
 """`python -m jaxpurify.compare`, in-process on a tiny setting: one defense of each path through the harness on one
-victim set (a filter on features; a filter reading the model and the clean reserve; a training defense),
-the setting's stages made once and linked, the table and its rows, and a re-run that trains nothing. Every method's
-own `suspects`/`train` runs tiny in its unit test."""
+victim set (a filter reading the undefended model and the clean reserve; a training defense; FT-head, the cheaper
+protocol), the setting's stages made once and linked, the table and its rows, and a re-run that trains nothing.
+The other methods' `suspects` run tiny in their unit tests."""
 
 import json
 import os
@@ -13,27 +13,27 @@ from jaxpurify import compare
 from jaxpurify.defenses import baselines
 from jaxpurify.poisoning import registry
 
-DEFENSES = ["ss", "strip", "abl"]
+DEFENSES = ["strip", "abl"]
 
 
 def test_compare_runs_every_defense_on_one_victim_set(clean_run, tmp_path):
   workdir = str(tmp_path / "compare")
-  args = ("--config", "configs/tcore.py:threat=2,attack=badnets,tiny", "--defenses", ",".join(DEFENSES),
-          "--workdir", workdir, f"--config.clean_encoder={clean_run[0]}")
+  args = ("--config", "configs/tcore.py:threat=2,attack=badnets,protocol=ft_head,tiny", "--defenses",
+          ",".join(DEFENSES), "--workdir", workdir, f"--config.clean_encoder={clean_run[0]}")
   status, lines, _ = cli_main(*args, main=compare.main)
   assert status == 0, lines
   rows = json.load(open(os.path.join(workdir, "compare.json"), encoding="utf-8"))
   assert [r["defense"] for r in rows] == ["clean model", "none"] + DEFENSES
-  first = os.path.join(workdir, "threat2-badnets", DEFENSES[0])
+  first = os.path.join(workdir, "threat2-badnets-ft_head", DEFENSES[0])
   poisoned, _ = registry.load(os.path.join(first, "poison", "poisoned_train.npz"))
   for defense, row in zip(DEFENSES, rows[2:]):
-    cell = os.path.join(workdir, "threat2-badnets", defense)
+    cell = os.path.join(workdir, "threat2-badnets-ft_head", defense)
     assert {"acc", "asr", "asr_all", "der", "clean_used", "seconds"} <= set(row), defense
     if defense != DEFENSES[0]:  # the setting's stages are the first defense's, linked
-      assert all(os.path.islink(os.path.join(cell, stage)) for stage in ("poison", "finetune_poisoned_ft_all"))
+      assert all(os.path.islink(os.path.join(cell, stage)) for stage in ("poison", "finetune_poisoned_ft_head"))
     assert (row["clean_used"] > 0) == baselines.module(defense).CLEAN_DATA, defense
     if baselines.module(defense).KIND == "filter":
-      with open(os.path.join(cell, f"{defense}_detect_ft_all", "done.json"), encoding="utf-8") as f:
+      with open(os.path.join(cell, f"{defense}_detect_ft_head", "done.json"), encoding="utf-8") as f:
         removed = np.asarray(json.load(f)["removed"])
       hits = np.isin(removed, poisoned.poison).sum()
       assert row["tpr"] == hits / len(poisoned.poison)

@@ -79,7 +79,7 @@ class EncoderFinetuneTest(absltest.TestCase):
     encode = encoders.encode_fn(clean, config.model)
     trigger = triggers.make_trigger(config.attack.trigger, 32)
     images, refs = np.asarray(batch["image"]), np.asarray(batch["reference"])
-    f_shadow, f_trig = np.asarray(encode(images)), np.asarray(encode(trigger(images)))
+    f_trig = np.asarray(encode(trigger(images)))
     f_ref = np.asarray(encode(refs))
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     # At step 0 f' = f: L2 = -1 exactly; L0 is the triggered-to-reference similarity of the clean encoder.

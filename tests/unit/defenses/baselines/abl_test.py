@@ -1,9 +1,7 @@
 """ABL: the flooding loss and its gradient against NumPy, the isolation and unlearning batch against hand-computed
-values, the unlearning step raising its batch's loss, the isolation step on 8 devices against 1, and a tiny
-`train` that resumes from its stages."""
+values, the unlearning step raising its batch's loss, the isolation step on 8 devices against 1, and the check
+(ABL's `train` runs end to end, and resumes, in tests/e2e/run_compare_test.py)."""
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +12,10 @@ import pytest
 
 from helpers import assert_trees_close
 from helpers import config as load_config
-from jaxpurify import finetune, parallel, stages
+from jaxpurify import finetune, parallel
 from jaxpurify.defenses.baselines import abl
-from jaxpurify.defenses.baselines.inputs import Inputs
 from jaxpurify.encoders import build_backbone
 from jaxpurify.errors import UserError
-from jaxpurify.pipeline import Run
 from jaxpurify.train.state import create_state, make_optimizer
 
 MODEL = ml_collections.ConfigDict(dict(name="resnet10", width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
@@ -98,40 +94,6 @@ def test_bad_isolation_fraction_fails_in_one_line():
   with pytest.raises(UserError, match="config.baseline.abl.isolation_fraction must be below 1") as err:
     abl.check(block, config, np.full(10, 100), np.full(10, 10))
   assert "\n" not in str(err.value)
-
-
-def _inputs(config, n=128, protocol="ft_head"):
-  """A victim set of n random 16x16 images (the undefended model's outputs unused); FT-head compiles no encoder
-  backward (FT-all's step is the one tested above)."""
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
-  labels = rng.integers(0, 10, n)
-  empty = np.zeros((0, 1), np.float32)
-  return Inputs(config, parallel.make_mesh(config.mesh), protocol, build_backbone(config.model, 0), images, labels,
-                10, np.zeros((0, 16, 16, 3), np.uint8), np.zeros(0, np.int64), (None, None), empty, empty, empty,
-                empty)
-
-
-def test_train_isolates_trains_unlearns_and_resumes_from_its_stages(tmp_path, monkeypatch):
-  config = load_config("baseline:defense=abl,threat=2,attack=badnets,tiny", "baseline.abl.isolation_fraction=0.1",
-                       "baseline.abl.isolation_epochs=1", "baseline.abl.unlearn_epochs=1")
-  inputs, run = _inputs(config), Run(config, str(tmp_path))
-  _, state, diagnostics = abl.train(inputs, config.baseline.abl, run)
-  isolated = diagnostics["isolated"]
-  assert len(isolated) == 12 and isolated == sorted(set(isolated)) and 0 <= isolated[0] and isolated[-1] < 128
-  # batch 64: 128 samples -> 2 isolation steps, the 116 others -> 1; the 12 isolated -> one unlearning batch of 8
-  for stage, steps in (("abl_isolate_ft_head", 2), ("abl_finetune_ft_head", 1), ("abl_unlearn_ft_head", 1)):
-    with open(os.path.join(tmp_path, stage, "done.json")) as f:
-      assert json.load(f)["steps"] == steps
-  assert int(state.step) == 1
-
-  def no_training(*args, **kwargs):
-    raise AssertionError("a finished stage trained again")
-
-  monkeypatch.setattr(stages, "train", no_training)
-  _, resumed, again = abl.train(inputs, config.baseline.abl, Run(config, str(tmp_path)))
-  assert again == diagnostics
-  assert_trees_close(jax.device_get(resumed.params), jax.device_get(state.params), rtol=0, atol=0)
 
 
 def test_an_isolated_set_smaller_than_one_batch_is_refused():

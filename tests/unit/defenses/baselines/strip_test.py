@@ -108,16 +108,14 @@ def test_triggered_images_are_removed_alike_on_one_and_eight_devices():
 
 
 def test_too_few_reserve_images_and_bad_settings_are_user_errors():
-  apply, weights = _linear()
-  mesh = parallel.make_mesh()
-  rng = np.random.default_rng(5)
+  counts = (np.full(10, 100), np.full(10, 10))
   with pytest.raises(UserError, match="blends=8 needs more than that many reserve images, there are 8"):
     strip.check(BLOCK, None, np.full(5, 10), np.full(4, 2))
-  strip.check(BLOCK, None, np.full(10, 100), np.full(10, 10))
+  strip.check(BLOCK, None, *counts)
   with pytest.raises(UserError, match="clean_quantile"):
-    strip.check(ml_collections.ConfigDict({**BLOCK.to_dict(), "clean_quantile": 1.0}), None, np.full(10, 100), np.full(10, 10))
+    strip.check(ml_collections.ConfigDict({**BLOCK.to_dict(), "clean_quantile": 1.0}), None, *counts)
   with pytest.raises(UserError, match="batch_size"):
-    strip.check(ml_collections.ConfigDict({**BLOCK.to_dict(), "batch_size": 12}), None, np.full(10, 100), np.full(10, 10))
+    strip.check(ml_collections.ConfigDict({**BLOCK.to_dict(), "batch_size": 12}), None, *counts)
 
 
 def test_suspects_scores_with_the_undefended_classifier():
