@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from jaxpurify import cli, experiments
+from jaxpurify.defenses.baselines.inputs import Inputs
 from jaxpurify.pipeline import Run, link_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,3 +71,13 @@ def assert_trees_close(actual, desired, rtol: float = 1e-3, atol: float = 1e-6) 
     assert a.shape == d.shape, (jax.tree_util.keystr(path), a.shape, d.shape)
     error, scale = np.linalg.norm(a - d), np.linalg.norm(d)
     assert error <= rtol * scale + atol, f"{jax.tree_util.keystr(path)}: |a - d| = {error:.3g}, |d| = {scale:.3g}"
+
+
+def feature_inputs(features, labels, num_classes: int):
+  """A baselines `Inputs` holding only what a feature filter (SS, AC, SPECTRE) reads: features [N, D], labels [N]."""
+  cfg = config("baseline:defense=ss,threat=2,attack=badnets,tiny")
+  n = len(labels)
+  return Inputs(cfg, None, "ft_all", None, np.zeros((n, 1, 1, 3), np.uint8), labels, num_classes,
+                np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), None, features,
+                np.zeros((0, features.shape[1]), np.float32), np.zeros((n, num_classes), np.float32),
+                np.zeros((0, num_classes), np.float32))

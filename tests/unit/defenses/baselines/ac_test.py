@@ -6,20 +6,9 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-from helpers import config
+from helpers import config, feature_inputs
 from jaxpurify.defenses.baselines import ac
-from jaxpurify.defenses.baselines.inputs import Inputs
 from jaxpurify.errors import UserError
-
-
-def make_inputs(features: np.ndarray, labels: np.ndarray, num_classes: int) -> Inputs:
-  """An Inputs holding only what a feature filter reads."""
-  cfg = config("baseline:defense=ac,threat=2,attack=badnets,tiny")
-  n = len(labels)
-  return Inputs(cfg, None, "ft_all", None, np.zeros((n, 1, 1, 3), np.uint8), labels, num_classes,
-                np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), None, features,
-                np.zeros((0, features.shape[1]), np.float32), np.zeros((n, num_classes), np.float32),
-                np.zeros((0, num_classes), np.float32))
 
 
 def two_gaussians(rng, sizes: tuple[int, int], separation: float, dims: int = 6) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +68,7 @@ def test_suspects_remove_a_planted_cluster_and_spare_clean_classes():
   labels = np.repeat([0, 1, 2], 300)
   planted = np.arange(310, 340)  # 10% of class 1, a tight cluster far from the class
   features[planted] = rng.normal(size=(30, 32)) * 0.3 + 6.0
-  inputs = make_inputs(features, labels, 3)
+  inputs = feature_inputs(features, labels, 3)
   removed = ac.suspects(inputs, inputs.config.baseline.ac, run=None)
   assert removed.dtype == np.int64
   np.testing.assert_array_equal(removed, planted)

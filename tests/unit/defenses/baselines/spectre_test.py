@@ -6,20 +6,9 @@ import pytest
 import scipy.linalg
 import scipy.stats
 
-from helpers import config
+from helpers import config, feature_inputs
 from jaxpurify.defenses.baselines import spectre, ss
-from jaxpurify.defenses.baselines.inputs import Inputs
 from jaxpurify.errors import UserError
-
-
-def make_inputs(features: np.ndarray, labels: np.ndarray, num_classes: int) -> Inputs:
-  """An Inputs holding only what a feature filter reads."""
-  cfg = config("baseline:defense=spectre,threat=2,attack=badnets,tiny")
-  n = len(labels)
-  return Inputs(cfg, None, "ft_all", None, np.zeros((n, 1, 1, 3), np.uint8), labels, num_classes,
-                np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), None, features,
-                np.zeros((0, features.shape[1]), np.float32), np.zeros((n, num_classes), np.float32),
-                np.zeros((0, num_classes), np.float32))
 
 
 def planted_classes(seed: int, shift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,7 +68,7 @@ def test_suspects_remove_a_planted_subpopulation():
   features, labels, planted = planted_classes(0, shift=8.0)
   features = np.concatenate([features, np.ones((2, 16), np.float32)])  # class 2: 2 members, not scored
   labels = np.concatenate([labels, [2, 2]])
-  inputs = make_inputs(features, labels, 3)
+  inputs = feature_inputs(features, labels, 3)
   block = inputs.config.baseline.spectre
   block.max_dims = 8
   removed = spectre.suspects(inputs, block, run=None)

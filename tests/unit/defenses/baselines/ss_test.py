@@ -4,20 +4,9 @@ sub-population and the config check."""
 import numpy as np
 import pytest
 
-from helpers import config
+from helpers import config, feature_inputs
 from jaxpurify.defenses.baselines import _spectral, ss
-from jaxpurify.defenses.baselines.inputs import Inputs
 from jaxpurify.errors import UserError
-
-
-def make_inputs(features: np.ndarray, labels: np.ndarray, num_classes: int) -> Inputs:
-  """An Inputs holding only what a feature filter reads."""
-  cfg = config("baseline:defense=ss,threat=2,attack=badnets,tiny")
-  n = len(labels)
-  return Inputs(cfg, None, "ft_all", None, np.zeros((n, 1, 1, 3), np.uint8), labels, num_classes,
-                np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), None, features,
-                np.zeros((0, features.shape[1]), np.float32), np.zeros((n, num_classes), np.float32),
-                np.zeros((0, num_classes), np.float32))
 
 
 def test_scores_are_squared_projections_on_each_class_top_singular_vector():
@@ -45,7 +34,7 @@ def test_suspects_remove_a_planted_subpopulation_and_the_budget_of_every_class()
   labels = np.repeat([0, 1], 300)
   planted = np.arange(250, 280)  # 10% of class 0, shifted far along one axis
   features[planted, 3] += 12.0
-  inputs = make_inputs(features, labels, 2)
+  inputs = feature_inputs(features, labels, 2)
   block = inputs.config.baseline.ss
   removed = ss.suspects(inputs, block, run=None)
   assert removed.dtype == np.int64 and np.all(np.diff(removed) > 0)
