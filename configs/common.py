@@ -179,9 +179,11 @@ def data(name: str, quick: bool) -> ml_collections.ConfigDict:
 
 def model(quick: bool) -> ml_collections.ConfigDict:
   """CIFAR ResNet-18 (quick: width 8) with CIFAR-10 input normalisation. import_map: how an encoder given as a
-  PyTorch file maps onto it ('auto', 'badencoder', 'torchvision', 'ctrl', 'STYLE:PREFIX'; docs/interop.md)."""
+  PyTorch file maps onto it ('auto', 'badencoder', 'torchvision', 'ctrl', 'STYLE:PREFIX'; docs/interop.md).
+  dtype: the compute dtype of convolutions and matmuls ('auto': bfloat16 on GPU/TPU, float32 on CPU; 'float32',
+  'bfloat16'); parameters, optimiser state, BatchNorm statistics and losses stay float32."""
   return ml_collections.ConfigDict(dict(name="resnet18", width=8 if quick else 64, mean=CIFAR10_MEAN,
-                                        std=CIFAR10_STD, import_map="auto"))
+                                        std=CIFAR10_STD, import_map="auto", dtype="auto"))
 
 
 def evaluate(datasets, quick: bool) -> ml_collections.ConfigDict:

@@ -4,10 +4,12 @@ drupe), distillation (distill), downstream fine-tuning (threat: the last of conf
 confusion training (tcore).
 
   python -m jaxpurify.bench [--config configs/simclr.py[:ARGS]] [--config.a.b=V ...] [--steps N]
-                            [--warmup N] [--json PATH]
+                            [--warmup N] [--json PATH] [--compare torch]
 
 Prints device, compile time, step time, images/s, peak memory, XLA's FLOPs per step and the
-utilisation of the device's peak. Bad input ends in one `error: ...` line and exit status 2.
+utilisation of the device's peak. `--compare torch` then times the PyTorch reference of the same step
+(`benchmarks/torch_reference`, benchmarks/README.md) and prints its images/s and the ratio.
+Bad input ends in one `error: ...` line and exit status 2.
 """
 
 import json
@@ -17,12 +19,12 @@ import time
 
 import jax
 
-from jaxpurify import cli, experiments, parallel
+from jaxpurify import cli, experiments, models, parallel
 from jaxpurify.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "simclr.py")
 USAGE = ("usage: python -m jaxpurify.bench [--config configs/simclr.py[:ARGS]] [--config.a.b=V ...] "
-         "[--steps N] [--warmup N] [--json PATH]")
+         "[--steps N] [--warmup N] [--json PATH] [--compare torch]")
 
 # Peak dense (no sparsity) TFLOP/s per device, vendor data sheets: 'fp32' on CUDA cores, 'tf32' and
 # 'bf16' on tensor cores / the TPU MXU. Keys are `device.device_kind`; every A100 variant has one row.
@@ -38,11 +40,12 @@ PEAK_TFLOPS = {
 }
 
 
-def matmul_peak(device_kind: str, precision: str | None) -> tuple[float, str] | None:
-  """(TFLOP/s, what) of the unit that runs float32 matmuls and convolutions, or None if unknown.
+def matmul_peak(device_kind: str, precision: str | None, dtype: str = "float32") -> tuple[float, str] | None:
+  """(TFLOP/s, what) of the unit that runs the step's matmuls and convolutions, or None if unknown.
 
-  NVIDIA: TF32 tensor cores at JAX's default precision, CUDA-core fp32 at 'highest'/'float32'.
-  TPU: bf16 MXU passes (at 'highest' XLA runs several, so utilisation reads low).
+  bfloat16 steps: bf16 tensor cores / the MXU. float32 steps: NVIDIA's TF32 tensor cores at JAX's default
+  precision, CUDA-core fp32 at 'highest'/'float32'; TPU's bf16 MXU passes (at 'highest' XLA runs several, so
+  utilisation reads low).
   """
   kind = "NVIDIA A100" if device_kind.startswith("NVIDIA A100") else device_kind
   peaks = PEAK_TFLOPS.get(kind)
@@ -50,6 +53,8 @@ def matmul_peak(device_kind: str, precision: str | None) -> tuple[float, str] | 
     return None
   if "tf32" not in peaks:
     return peaks["bf16"], f"{device_kind}, bf16 MXU, dense"
+  if dtype == "bfloat16":
+    return peaks["bf16"], f"{device_kind}, bf16 tensor cores, dense"
   if precision in ("highest", "float32"):
     return peaks["fp32"], f"{device_kind}, fp32 CUDA cores (jax_default_matmul_precision={precision})"
   return peaks["tf32"], f"{device_kind}, tf32 tensor cores, dense (f32 matmuls at JAX's default precision)"
@@ -63,12 +68,18 @@ def _count(least: int):
   return parse
 
 
+def _compare(text: str) -> str:
+  if text != "torch":
+    raise UserError(f"unknown --compare {text!r}; the one reference is --compare torch (benchmarks/README.md)")
+  return text
+
+
 def parse_argv(argv: list[str]) -> cli.Args:
-  """cli.parse_argv with --steps, --warmup and --json; --config defaults to the full SimCLR config."""
+  """cli.parse_argv with --steps, --warmup, --json and --compare; --config defaults to the full SimCLR config."""
   if not any(a == "--config" or a.startswith("--config=") for a in argv):
     argv = [f"--config={DEFAULT_CONFIG}", *argv]
-  return cli.parse_argv(argv, USAGE, {"steps": (20, _count(1)), "warmup": (3, _count(0)), "json": (None, str)},
-                        workdir=False)
+  return cli.parse_argv(argv, USAGE, {"steps": (20, _count(1)), "warmup": (3, _count(0)), "json": (None, str),
+                                      "compare": (None, _compare)}, workdir=False)
 
 
 def peak_memory() -> tuple[int, int] | None:
@@ -107,13 +118,14 @@ def measure(config, steps: int, warmup: int) -> dict:
 
   device = jax.devices()[0]
   memory = peak_memory()
-  peak = matmul_peak(device.device_kind, jax.config.jax_default_matmul_precision)
+  dtype = str(models.compute_dtype(config.model.dtype))
+  peak = matmul_peak(device.device_kind, jax.config.jax_default_matmul_precision, dtype)
   achieved = flops / step_s / 1e12 if flops > 0 else None
   return {
       "device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
       "process_count": jax.process_count(),
       "experiment": config.experiment, "model": config.model.name, "width": config.model.width,
-      "image_size": size, "global_batch": batch_size, "per_image": per_image, "dtype": "float32",
+      "image_size": size, "global_batch": batch_size, "per_image": per_image, "dtype": dtype,
       "steps": steps, "warmup": warmup,
       "compile_s": compile_s, "step_ms": step_s * 1e3, "images_per_s": batch_size / step_s,
       "peak_memory_bytes": memory and memory[0], "memory_limit_bytes": memory and (memory[1] or None),
@@ -155,8 +167,8 @@ def report(r: dict, config_name: str) -> str:
       ("model", f"{r['model']} width {r['width']}, {r['image_size']}x{r['image_size']} images"),
       ("batch", f"{r['global_batch']} images global ({r['global_batch'] // n} per device), {r['per_image']}"),
       ("compile", f"{r['compile_s']:.1f} s (trace, lower and XLA-compile the step)"),
-      ("step time", f"{r['step_ms']:.1f} ms (mean of {r['steps']} steps after {r['warmup']} warm-up, "
-                    "with the on-device batch gather)"),
+      ("step time", (f"{r['step_ms']:.1f} ms (mean of {r['steps']} steps after {r['warmup']} warm-up, "
+                     "with the on-device batch gather)")),
       ("throughput", f"{r['images_per_s']:.1f} images/s (global batch / step time)"),
       ("peak memory", mem),
       ("FLOPs/step", flops),
@@ -167,6 +179,16 @@ def report(r: dict, config_name: str) -> str:
   return "\n".join(f"{label:<12} {text}" for label, text in rows)
 
 
+def compare_report(r: dict) -> str:
+  """The torch reference's numbers in `measure`'s result (r['torch']) and the ratio, as `report`'s lines."""
+  t = r["torch"]
+  rows = [("torch", (f"{t['step']} in PyTorch {t['torch_version']} ({t['device']}, {t['dtype']}, {t['threads']} "
+                     f"threads, DataLoader with {t['workers']} workers, batch {t['global_batch']}): "
+                     f"{t['step_ms']:.1f} ms per step, {t['images_per_s']:.1f} images/s")),
+          ("ratio", f"{r['ratio_vs_torch']:.2f} (jaxpurify images/s / torch images/s)")]
+  return "\n".join(f"{label:<12} {text}" for label, text in rows)
+
+
 def main(argv: list[str]) -> int:
   if cli.wants_help(argv, USAGE):
     return 0
@@ -174,9 +196,16 @@ def main(argv: list[str]) -> int:
   def body():
     args = parse_argv(argv)
     config = cli.load_config(args.config, args.arg, args.overrides)
+    if args.extra["compare"]:
+      from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  (the repository's, not packaged)
+      torch_reference.check(config)  # before the JAX side: a missing torch or reference fails fast
     result = measure(config, args.extra["steps"], args.extra["warmup"])
     name = os.path.relpath(args.config) + (f":{args.arg}" if args.arg else "")
-    print(report(result, name))
+    print(report(result, name), flush=True)
+    if args.extra["compare"]:
+      result["torch"] = torch_reference.measure(config, args.extra["steps"], args.extra["warmup"])
+      result["ratio_vs_torch"] = result["images_per_s"] / result["torch"]["images_per_s"]
+      print(compare_report(result))
     if path := args.extra["json"]:
       try:
         with open(path, "w", encoding="utf-8") as f:

@@ -197,11 +197,22 @@ def main(argv: list[str]) -> int:
     config = load_config(args.config, args.arg, args.overrides)
     if distributed:
       initialize_distributed()
+    enable_compilation_cache()
     where["workdir"] = args.workdir or default_workdir(args.config, args.arg)
     from jaxpurify import experiments  # pylint: disable=g-import-not-at-top
     experiments.run(config, where["workdir"])
 
   return guarded(body, lambda: where.get("workdir"), distributed)
+
+
+def enable_compilation_cache() -> None:
+  """XLA's persistent compilation cache, so that another run (a new workdir, a resumed one) loads the compiled
+  steps instead of compiling them again: in JAX_COMPILATION_CACHE_DIR where set, else in
+  $XDG_CACHE_HOME/jaxpurify/xla (~/.cache/jaxpurify/xla)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_compilation_cache_dir:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "jaxpurify", "xla"))
 
 
 def initialize_distributed() -> None:

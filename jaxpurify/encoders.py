@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxpurify import augment, interop, parallel
 from jaxpurify.errors import UserError
-from jaxpurify.models import build_encoder
+from jaxpurify.models import compute_dtype, configured_encoder
 from jaxpurify.train import checkpoint
 
 
@@ -36,8 +36,7 @@ def backbone_of(graphdef, state) -> Encoder:
 
 
 def build_backbone(model_config, seed: int) -> Encoder:
-  return Encoder(*nnx.split(build_encoder(model_config.name, model_config.width, rngs=nnx.Rngs(seed)),
-                            nnx.Param, nnx.BatchStat))
+  return Encoder(*nnx.split(configured_encoder(model_config, nnx.Rngs(seed)), nnx.Param, nnx.BatchStat))
 
 
 @functools.lru_cache(maxsize=64)
@@ -160,7 +159,7 @@ def load_backbone(path: str, model_config, mesh, stages=CLEAN_STAGES,
     if not os.path.isfile(path):
       raise UserError(f"{path} does not exist; set {field} to a PyTorch checkpoint file or a finished run")
     backbone = interop.load_torch(path, model_config.name, model_config.width,
-                                  model_config.get("import_map", "auto"))
+                                  model_config.get("import_map", "auto"), compute_dtype(model_config.dtype))
     graphdef, params, batch_stats = nnx.split(backbone, nnx.Param, nnx.BatchStat)
     return Encoder(graphdef, *parallel.put_replicated((params, batch_stats), mesh))
   directory, _, raw = restore(path, stages, field)

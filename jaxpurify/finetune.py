@@ -44,7 +44,8 @@ class Classifier(nnx.Module):
   def __init__(self, backbone: nnx.Module, num_classes: int, *, hidden=(512, 256), dropout: float = 0.5,
                rngs: nnx.Rngs):
     self.backbone = backbone
-    self.head = MLPHead(backbone.feature_dim, num_classes, hidden=tuple(hidden), dropout=dropout, rngs=rngs)
+    self.head = MLPHead(backbone.feature_dim, num_classes, hidden=tuple(hidden), dropout=dropout,
+                        dtype=backbone.dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train_backbone: bool = False, dropout_key: jax.Array | None = None):
     feature, _ = self.backbone(x, train_backbone)

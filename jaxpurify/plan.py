@@ -9,8 +9,9 @@ An experiment module lists its stages (`plan(config)` -> [PlanStage]); each stag
 XLA's memory analysis (arguments, outputs, temporaries) of the step compiled for the devices at hand (one CPU: the
 whole global batch on one device, an upper bound for data parallelism), whether that fits 16/40/80/141 GB, and the
 hours on H100, H200, A100, TPU v4 and v5e at a stated utilisation of the device's peak (`--mfu`, default 0.4; small
-CIFAR ResNets reach far less on large accelerators). The evaluation heads (MLP, linear, kNN on cached features)
-and the attacks' auxiliary models are not counted.
+CIFAR ResNets reach far less on large accelerators). The steps compile in the dtype an accelerator runs them in
+(config.model.dtype 'auto' is bfloat16 there) and the peak is that dtype's. The evaluation heads (MLP, linear, kNN on
+cached features) and the attacks' auxiliary models are not counted.
 """
 
 import json
@@ -29,11 +30,21 @@ from jaxpurify.pipeline import derived_config
 
 USAGE = "usage: python -m jaxpurify.plan --config configs/NAME.py[:ARGS] [--config.a.b=V ...] [--mfu 0.4]"
 MEMORY_GB = (16, 40, 80, 141)
-# Devices of the estimate -> dense peak TFLOP/s for float32 training as JAX runs it: TF32 tensor cores on NVIDIA
-# (JAX's default matmul precision), the bf16 MXU on TPUs.
-TARGETS = {"H100": PEAK_TFLOPS["NVIDIA H100 80GB HBM3"]["tf32"], "H200": PEAK_TFLOPS["NVIDIA H200"]["tf32"],
-           "A100": PEAK_TFLOPS["NVIDIA A100"]["tf32"], "TPU v4": PEAK_TFLOPS["TPU v4"]["bf16"],
-           "TPU v5e": PEAK_TFLOPS["TPU v5 lite"]["bf16"]}
+# Devices of the estimate (their PEAK_TFLOPS row). Float32 steps run on TF32 tensor cores on NVIDIA (JAX's default
+# matmul precision) and on the bf16 MXU on TPUs; bfloat16 steps on the bf16 units of both.
+TARGETS = {"H100": "NVIDIA H100 80GB HBM3", "H200": "NVIDIA H200", "A100": "NVIDIA A100", "TPU v4": "TPU v4",
+           "TPU v5e": "TPU v5 lite"}
+
+
+def target_peaks(dtype: str) -> dict[str, float]:
+  """Dense peak TFLOP/s of each target for steps computing in `dtype` ('float32' or 'bfloat16')."""
+  unit = "tf32" if dtype == "float32" else "bf16"
+  return {name: PEAK_TFLOPS[kind].get(unit, PEAK_TFLOPS[kind]["bf16"]) for name, kind in TARGETS.items()}
+
+
+def accelerator_dtype(config) -> str:
+  """The compute dtype config.model.dtype gives on an accelerator ('auto' -> 'bfloat16')."""
+  return "bfloat16" if config.model.dtype == "auto" else config.model.dtype
 
 
 class PlanStage(NamedTuple):
@@ -94,12 +105,12 @@ def measure(stage: PlanStage, mesh) -> dict:
           jax.device_count(), "memory_bytes": peak, **{f.removesuffix("_size_in_bytes"): v for f, v in used.items()}}
 
 
-def hours(flops: float, mfu: float) -> dict[str, float]:
-  """Device-hours on each target at `mfu` of its peak."""
-  return {name: flops / (peak * 1e12 * mfu) / 3600 for name, peak in TARGETS.items()}
+def hours(flops: float, mfu: float, dtype: str) -> dict[str, float]:
+  """Device-hours on each target at `mfu` of its peak for `dtype` steps."""
+  return {name: flops / (peak * 1e12 * mfu) / 3600 for name, peak in target_peaks(dtype).items()}
 
 
-def table(rows: list[dict], mfu: float) -> str:
+def table(rows: list[dict], mfu: float, dtype: str) -> str:
   """Markdown: one line per stage and the pipeline's total."""
   head = ["stage", "steps", "GFLOP/step", "memory (GB)", "fits"] + [f"{t} h" for t in TARGETS]
   lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -110,11 +121,12 @@ def table(rows: list[dict], mfu: float) -> str:
     gb = r["memory_bytes"] / 1e9
     fits = ", ".join(str(m) for m in MEMORY_GB if gb <= m) or "none"
     lines.append(f"| {r['stage']} | {r['steps']:,} | {r['flops_per_step'] / 1e9:,.1f} | {gb:.2f} | {fits} | "
-                 + " | ".join(_hours(h) for h in hours(flops, mfu).values()) + " |")
-  lines.append("| **total** | | | | | " + " | ".join(f"**{_hours(h)}**" for h in hours(total, mfu).values())
+                 + " | ".join(_hours(h) for h in hours(flops, mfu, dtype).values()) + " |")
+  lines.append("| **total** | | | | | " + " | ".join(f"**{_hours(h)}**" for h in hours(total, mfu, dtype).values())
                + " |")
-  return "\n".join(lines) + (f"\n\nDevice-hours at {mfu:.0%} of each device's dense peak "
-                             "(TF32 on NVIDIA, bf16 MXU on TPU); divide by the device count for data parallelism.")
+  units = "bf16 tensor cores on NVIDIA" if dtype == "bfloat16" else "TF32 on NVIDIA"
+  return "\n".join(lines) + (f"\n\nDevice-hours of {dtype} steps at {mfu:.0%} of each device's dense peak "
+                             f"({units}, bf16 MXU on TPU); divide by the device count for data parallelism.")
 
 
 def _hours(h: float) -> str:
@@ -131,6 +143,8 @@ def main(argv: list[str]) -> int:
     if not 0 < mfu <= 1:
       raise UserError(f"--mfu {mfu} is not in (0, 1]; give the fraction of peak the steps reach, e.g. 0.4")
     config = cli.load_config(args.config, args.arg, args.overrides)
+    dtype = accelerator_dtype(config)
+    config = derived_config(config, {"model.dtype": dtype})
     experiment = experiments.module(config.experiment)
     if not hasattr(experiment, "plan"):
       raise UserError(f"experiment {config.experiment!r} has no plan yet; plans exist for "
@@ -143,10 +157,10 @@ def main(argv: list[str]) -> int:
             flush=True)
     name = args.config + (f":{args.arg}" if args.arg else "")
     print(f"# Plan of {name} (compiled on {jax.device_count()} {jax.devices()[0].platform} device(s))\n\n"
-          f"{table(rows, mfu)}")
+          f"{table(rows, mfu, dtype)}")
     if args.extra["json"]:
       with open(args.extra["json"], "w", encoding="utf-8") as f:
-        json.dump({"config": name, "mfu": mfu, "stages": rows}, f, indent=2)
+        json.dump({"config": name, "mfu": mfu, "dtype": dtype, "stages": rows}, f, indent=2)
 
   return cli.guarded(body)
 

@@ -4,6 +4,8 @@ frozen-encoder evaluation.
 Each stage owns `workdir/<stage>/`; a finished stage (done.json) is loaded, not recomputed.
 """
 
+import time
+
 import jax
 import numpy as np
 from flax import nnx
@@ -156,6 +158,7 @@ def evaluate_encoders(run, stage: str, encoders_: dict[str, Encoder], config, me
   """
   if (record := run.done(stage)) is not None:
     return record["evaluations"]
+  tick = time.perf_counter()
   ev = config.evaluate
   evaluations = {}
   for dataset in ev.datasets:
@@ -165,6 +168,9 @@ def evaluate_encoders(run, stage: str, encoders_: dict[str, Encoder], config, me
       evaluations[f"{name}/{dataset}"] = encoder_metrics(encoder, config, train, test, (ev.protocol, *ev.monitors),
                                                          mesh, attacked)
   run.finish(stage, {"evaluations": evaluations})
+  if jax.process_index() == 0:
+    print(f"{stage}: {len(encoders_)} encoder(s) on {', '.join(ev.datasets)}, {time.perf_counter() - tick:.1f} s",
+          flush=True)
   return evaluations
 
 

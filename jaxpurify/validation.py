@@ -79,6 +79,14 @@ def check_optimizers(config) -> None:
       raise UserError(f"unknown learning-rate schedule {value!r}; set config.{key} to one of {', '.join(SCHEDULES)}")
 
 
+def check_dtypes(config) -> None:
+  """Every model block's compute dtype (`<...>.dtype`) is one models.DTYPES names."""
+  from jaxpurify.models import DTYPES  # pylint: disable=g-import-not-at-top
+  for key, value in _leaves(config):
+    if key.rpartition(".")[2] == "dtype" and value not in DTYPES:
+      raise UserError(f"unknown compute dtype {value!r}; set config.{key} to one of {', '.join(DTYPES)}")
+
+
 def check_train_batches(config) -> None:
   """Every training block's batch (`<...>.train.batch_size`) and the evaluation's split evenly over the devices."""
   devices = jax.device_count()
@@ -99,7 +107,8 @@ def check_fits(config, key: str, num_examples: int, what: str) -> None:
 
 
 def check(config) -> None:
-  """The rules above, the optimisers and the device split of every batch."""
+  """The rules above, the optimisers, the compute dtypes and the device split of every batch."""
   check_ranges(config)
   check_optimizers(config)
+  check_dtypes(config)
   check_train_batches(config)

@@ -37,9 +37,11 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
                   "'model'); in PyTorch, save the model's state_dict()")
 
 
-def load_torch(path: str, model: str = "resnet18", width: int = 64, import_map: str = "auto") -> nnx.Module:
-  """The jaxpurify backbone `model` (models.ENCODERS) of `width` with the weights of the PyTorch checkpoint at
-  `path`; `backbone(x, train=False)` maps normalised NHWC float images [B, H, W, 3] to (pooled [B, D], taps).
+def load_torch(path: str, model: str = "resnet18", width: int = 64, import_map: str = "auto",
+               dtype=jnp.float32) -> nnx.Module:
+  """The jaxpurify backbone `model` (models.ENCODERS) of `width`, computing in `dtype`, with the weights of the
+  PyTorch checkpoint at `path`; `backbone(x, train=False)` maps normalised NHWC float images [B, H, W, 3] to
+  (pooled [B, D], taps).
 
   import_map: 'auto' (detected from the key names), 'badencoder', 'torchvision', 'ctrl' or 'STYLE:PREFIX' (keymaps).
   Every problem (missing file, refused pickle global, damaged file, keys or shapes of another architecture) is a
@@ -47,7 +49,8 @@ def load_torch(path: str, model: str = "resnet18", width: int = 64, import_map: 
   chosen = keymaps.parse(import_map)
   state_dict = read_state_dict(path)
   chosen = chosen or keymaps.detect(state_dict, path)
-  backbone = nnx.eval_shape(lambda: build_encoder(model, width, rngs=nnx.Rngs(0)))  # shapes; the file fills all
+  # shapes only; the file fills every array
+  backbone = nnx.eval_shape(lambda: build_encoder(model, width, dtype=dtype, rngs=nnx.Rngs(0)))
   params, batch_stats = (nnx.to_pure_dict(nnx.state(backbone, kind)) for kind in (nnx.Param, nnx.BatchStat))
   keymaps.to_jax(state_dict, backbone, chosen, params, batch_stats, path, f"{model} width {width}")
   nnx.update(backbone, *jax.tree.map(jnp.asarray, (params, batch_stats)))

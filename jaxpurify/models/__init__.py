@@ -5,6 +5,8 @@ intermediate features by name, in forward order (its `tap_names`). Code outside 
 asks the encoder for anything architecture-specific (`conv_bn_pairs` for the channel defenses).
 `ENCODERS[name](width, rngs)` is the registry the configs name (config.model.name, config.model.width):
 CIFAR ResNets `resnet10`..`resnet50` and torchvision's ImageNet-stem `resnet18_imagenet`..`resnet50_imagenet`.
+config.model.dtype (DTYPES) sets the compute dtype of the convolutions and matmuls (`compute_dtype`); the heads built
+around a backbone compute in the backbone's `dtype`.
 """
 
 import functools
@@ -22,6 +24,17 @@ ENCODERS = {name: functools.partial(ResNet, block, stage_sizes) for name, (block
 ENCODERS.update({f"{name}_imagenet": functools.partial(ResNet, *RESNETS[name], stem="imagenet")
                  for name in ("resnet18", "resnet34", "resnet50")})
 __getattr__ = moved(__name__, {"ARCHS": "jaxpurify.models.ENCODERS (name -> builder)"})
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def compute_dtype(setting: str):
+  """config.model.dtype -> the dtype convolutions and matmuls compute in: 'auto' is bfloat16 on GPU and TPU and
+  float32 on CPU (whose XLA kernels gain nothing from bfloat16)."""
+  if setting not in DTYPES:
+    raise UserError(f"unknown model dtype {setting!r}; set config.model.dtype to one of {DTYPES}")
+  if setting == "auto":
+    setting = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+  return jnp.dtype(setting)
 
 
 class SSLModel(nnx.Module):
@@ -29,7 +42,8 @@ class SSLModel(nnx.Module):
 
   def __init__(self, backbone: nnx.Module, proj_hidden: int, proj_dim: int, *, rngs: nnx.Rngs):
     self.backbone = backbone
-    self.head = ProjectionHead(backbone.feature_dim, proj_hidden or backbone.feature_dim, proj_dim, rngs=rngs)
+    self.head = ProjectionHead(backbone.feature_dim, proj_hidden or backbone.feature_dim, proj_dim,
+                               dtype=backbone.dtype, rngs=rngs)
 
   def __call__(self, x, train: bool = False):
     feature, taps = self.backbone(x, train)
@@ -46,7 +60,7 @@ class BYOLModel(SSLModel):
   def __init__(self, backbone: nnx.Module, proj_hidden: int, proj_dim: int, predictor_hidden: int, *,
                rngs: nnx.Rngs):
     super().__init__(backbone, proj_hidden, proj_dim, rngs=rngs)
-    self.predictor = ProjectionHead(proj_dim, predictor_hidden, proj_dim, rngs=rngs)
+    self.predictor = ProjectionHead(proj_dim, predictor_hidden, proj_dim, dtype=backbone.dtype, rngs=rngs)
 
 
 class LinearClassifier(nnx.Module):
@@ -55,11 +69,11 @@ class LinearClassifier(nnx.Module):
 
   def __init__(self, backbone: nnx.Module, num_classes: int, *, rngs: nnx.Rngs):
     self.backbone = backbone
-    self.head = nnx.Linear(backbone.feature_dim, num_classes, rngs=rngs)
+    self.head = nnx.Linear(backbone.feature_dim, num_classes, dtype=backbone.dtype, rngs=rngs)
 
   def __call__(self, x, train: bool = False):
     feature, _ = self.backbone(x, train)
-    return self.head(feature)
+    return self.head(feature).astype(jnp.float32)
 
 
 def check_name(name: str, field: str = "config.model.name", what: str = "model") -> None:
@@ -68,9 +82,15 @@ def check_name(name: str, field: str = "config.model.name", what: str = "model")
     raise UserError(f"unknown {what} {name!r}; set {field} to one of {sorted(ENCODERS)}")
 
 
-def build_encoder(name: str, width: int, *, rngs: nnx.Rngs) -> nnx.Module:
+def build_encoder(name: str, width: int, *, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+  """The encoder `name` of `width`, computing in `dtype`."""
   check_name(name)
-  return ENCODERS[name](width, rngs=rngs)
+  return ENCODERS[name](width, dtype=dtype, rngs=rngs)
+
+
+def configured_encoder(model_config, rngs: nnx.Rngs) -> nnx.Module:
+  """The encoder model_config names (name, width, dtype)."""
+  return build_encoder(model_config.name, model_config.width, dtype=compute_dtype(model_config.dtype), rngs=rngs)
 
 
 def describe(model_config, image_size: int) -> tuple[int, dict[str, tuple[int, ...]]]:
@@ -85,24 +105,24 @@ def describe(model_config, image_size: int) -> tuple[int, dict[str, tuple[int, .
 
 
 def build_linear_classifier(model_config, num_classes: int, rngs: nnx.Rngs) -> LinearClassifier:
-  """model_config: name, width."""
-  return LinearClassifier(build_encoder(model_config.name, model_config.width, rngs=rngs), num_classes, rngs=rngs)
+  """model_config: name, width, dtype."""
+  return LinearClassifier(configured_encoder(model_config, rngs), num_classes, rngs=rngs)
 
 
 def build_ssl_model(model_config, head, seed: int) -> SSLModel:
-  """model_config: name, width. head: hidden (0 = feature dim), dim."""
+  """model_config: name, width, dtype. head: hidden (0 = feature dim), dim."""
   rngs = nnx.Rngs(seed)
-  backbone = build_encoder(model_config.name, model_config.width, rngs=rngs)
+  backbone = configured_encoder(model_config, rngs)
   return SSLModel(backbone, head.hidden, head.dim, rngs=rngs)
 
 
 def build_byol_model(model_config, head, predictor_hidden: int, seed: int) -> BYOLModel:
   """build_ssl_model's network (same initial backbone and head for the same seed) plus BYOL's predictor."""
   rngs = nnx.Rngs(seed)
-  backbone = build_encoder(model_config.name, model_config.width, rngs=rngs)
+  backbone = configured_encoder(model_config, rngs)
   return BYOLModel(backbone, head.hidden, head.dim, predictor_hidden, rngs=rngs)
 
 
-__all__ = ["BYOLModel", "ENCODERS", "LinearClassifier", "MLPHead", "ProjectionHead", "ResNet", "SSLModel",
+__all__ = ["BYOLModel", "DTYPES", "ENCODERS", "LinearClassifier", "MLPHead", "ProjectionHead", "ResNet", "SSLModel",
            "build_byol_model", "build_encoder", "build_linear_classifier", "build_ssl_model", "check_name",
-           "describe"]
+           "compute_dtype", "configured_encoder", "describe"]

@@ -3,7 +3,12 @@ ImageNet stem (7×7 stride-2 conv, 3×3 stride-2 max-pool) with `stem="imagenet"
 
 `ResNet(x, train)` maps normalised images [B, H, W, 3] to the pooled feature [B, D] and its taps: the output
 of each stage by name, `layer1`..`layer4` (torchvision's names), NHWC [B, H_i, W_i, C_i] with H_i = H, H/2,
-H/4, H/8 (ImageNet stem: H/4 .. H/32). `conv_bn_pairs()` names every convolution that feeds a BatchNorm, for the channel-Lipschitz defenses.
+H/4, H/8 (ImageNet stem: H/4 .. H/32). `conv_bn_pairs()` names every convolution that feeds a BatchNorm, for the
+channel-Lipschitz defenses.
+
+Mixed precision: with `dtype=jnp.bfloat16` convolutions compute in bfloat16 on float32 parameters; BatchNorm takes
+its statistics and normalises in float32 (Flax keeps its reductions in float32) and the running statistics stay
+float32. The pooled feature and the taps are returned in float32, so every loss downstream reduces in float32.
 """
 
 from collections.abc import Sequence
@@ -18,30 +23,30 @@ BN_EPSILON = 1e-5
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_
 
 
-def _conv(cin, cout, kernel, stride, rngs):
+def _conv(cin, cout, kernel, stride, dtype, rngs):
   pad = kernel // 2
   return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                  use_bias=False, kernel_init=conv_init, rngs=rngs)
+                  use_bias=False, kernel_init=conv_init, dtype=dtype, rngs=rngs)
 
 
-def _bn(c, rngs):
-  return nnx.BatchNorm(c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+def _bn(c, dtype, rngs):
+  return nnx.BatchNorm(c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
 
 
-def _shortcut(cin, cout, stride, rngs):
+def _shortcut(cin, cout, stride, dtype, rngs):
   """1×1 conv + BN projection when the block changes shape, else None (identity)."""
   if stride == 1 and cin == cout:
     return None
-  return nnx.List([_conv(cin, cout, 1, stride, rngs), _bn(cout, rngs)])
+  return nnx.List([_conv(cin, cout, 1, stride, dtype, rngs), _bn(cout, dtype, rngs)])
 
 
 class BasicBlock(nnx.Module):
   expansion = 1
 
-  def __init__(self, cin: int, width: int, stride: int, *, rngs: nnx.Rngs):
-    self.conv1, self.bn1 = _conv(cin, width, 3, stride, rngs), _bn(width, rngs)
-    self.conv2, self.bn2 = _conv(width, width, 3, 1, rngs), _bn(width, rngs)
-    self.shortcut = _shortcut(cin, width, stride, rngs)
+  def __init__(self, cin: int, width: int, stride: int, dtype, *, rngs: nnx.Rngs):
+    self.conv1, self.bn1 = _conv(cin, width, 3, stride, dtype, rngs), _bn(width, dtype, rngs)
+    self.conv2, self.bn2 = _conv(width, width, 3, 1, dtype, rngs), _bn(width, dtype, rngs)
+    self.shortcut = _shortcut(cin, width, stride, dtype, rngs)
 
   def __call__(self, x, train: bool):
     ura = not train
@@ -56,12 +61,12 @@ class BasicBlock(nnx.Module):
 class Bottleneck(nnx.Module):
   expansion = 4
 
-  def __init__(self, cin: int, width: int, stride: int, *, rngs: nnx.Rngs):
+  def __init__(self, cin: int, width: int, stride: int, dtype, *, rngs: nnx.Rngs):
     cout = width * self.expansion
-    self.conv1, self.bn1 = _conv(cin, width, 1, 1, rngs), _bn(width, rngs)
-    self.conv2, self.bn2 = _conv(width, width, 3, stride, rngs), _bn(width, rngs)
-    self.conv3, self.bn3 = _conv(width, cout, 1, 1, rngs), _bn(cout, rngs)
-    self.shortcut = _shortcut(cin, cout, stride, rngs)
+    self.conv1, self.bn1 = _conv(cin, width, 1, 1, dtype, rngs), _bn(width, dtype, rngs)
+    self.conv2, self.bn2 = _conv(width, width, 3, stride, dtype, rngs), _bn(width, dtype, rngs)
+    self.conv3, self.bn3 = _conv(width, cout, 1, 1, dtype, rngs), _bn(cout, dtype, rngs)
+    self.shortcut = _shortcut(cin, cout, stride, dtype, rngs)
 
   def __call__(self, x, train: bool):
     ura = not train
@@ -84,21 +89,21 @@ RESNETS = {
 
 class ResNet(nnx.Module):
   """CIFAR ResNet (`stem="imagenet"`: torchvision's); `width` is the first stage's channel count (64 in the
-  papers)."""
+  papers); `dtype` the compute dtype of its convolutions (float32 or bfloat16; parameters are float32)."""
 
   def __init__(self, block, stage_sizes: Sequence[int], width: int = 64, *, stem: str = "cifar",
-               rngs: nnx.Rngs):
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if stem not in ("cifar", "imagenet"):
       raise ValueError(f"unknown stem {stem!r}; use 'cifar' or 'imagenet'")
-    self.stem = stem
+    self.stem, self.dtype = stem, dtype
     kernel, stride = (3, 1) if stem == "cifar" else (7, 2)
-    self.stem_conv, self.stem_bn = _conv(3, width, kernel, stride, rngs), _bn(width, rngs)
+    self.stem_conv, self.stem_bn = _conv(3, width, kernel, stride, dtype, rngs), _bn(width, dtype, rngs)
     cin, stages = width, []
     for i, n_blocks in enumerate(stage_sizes):
       blocks = []
       for j in range(n_blocks):
         stride = 2 if (i > 0 and j == 0) else 1
-        blocks.append(block(cin, width * 2**i, stride, rngs=rngs))
+        blocks.append(block(cin, width * 2**i, stride, dtype, rngs=rngs))
         cin = width * 2**i * block.expansion
       stages.append(nnx.List(blocks))
     self.stages = nnx.List(stages)
@@ -106,16 +111,16 @@ class ResNet(nnx.Module):
     self.tap_names = tuple(f"layer{i + 1}" for i in range(len(stage_sizes)))
 
   def __call__(self, x, train: bool = False):
-    """x: [B, H, W, 3] normalised -> (feature [B, D], {'layer<i>': stage output [B, H_i, W_i, C_i]})."""
-    x = jax.nn.relu(self.stem_bn(self.stem_conv(x), use_running_average=not train))
+    """x: [B, H, W, 3] normalised -> (feature [B, D], {'layer<i>': stage output [B, H_i, W_i, C_i]}), float32."""
+    x = jax.nn.relu(self.stem_bn(self.stem_conv(x.astype(self.dtype)), use_running_average=not train))
     if self.stem == "imagenet":
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     taps = {}
     for name, stage in zip(self.tap_names, self.stages):
       for block in stage:
         x = block(x, train)
-      taps[name] = x
-    return jnp.mean(x, axis=(1, 2)), taps
+      taps[name] = x.astype(jnp.float32)
+    return jnp.mean(taps[self.tap_names[-1]], axis=(1, 2)), taps
 
   def conv_bn_pairs(self) -> list[tuple[str, tuple, tuple]]:
     """[(layer name, conv path, BatchNorm path)] in forward order, paths into the module's pure dicts: the stem

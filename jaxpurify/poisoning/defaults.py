@@ -67,7 +67,7 @@ def label_consistent_config(quick: bool) -> ml_collections.ConfigDict:
   trigger (module docstring for the references). quick (digits, ~2 min on 2 CPU cores): width 8, batch 64, 4-step
   PGD-AT for 5 epochs, no flips, 20-step poisoning PGD."""
   return ml_collections.ConfigDict(dict(
-      model=dict(name="resnet18", width=8 if quick else 64, mean=CIFAR10_MEAN, std=CIFAR10_STD),
+      model=dict(name="resnet18", width=8 if quick else 64, mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype="auto"),
       num_classes=10,
       adv_train=dict(eps=8 / 255, step_size=(2.5 if quick else 2) / 255, steps=4 if quick else 7, random_start=True),
       augment=dict(padding=4, flip_prob=0.0 if quick else 0.5),
@@ -84,7 +84,7 @@ def issba_config(quick: bool) -> ml_collections.ConfigDict:
   for the references). quick: 20-bit secret, narrow nets, Adam 1e-3, 12 epochs (digits: 264 steps, about 1 min on 2
   CPU cores)."""
   return ml_collections.ConfigDict(dict(
-      secret_length=20 if quick else 100, secret_seed=0,
+      secret_length=20 if quick else 100, secret_seed=0, dtype="auto",
       encoder=dict(widths=(8, 16, 32, 32, 32) if quick else (32, 32, 64, 128, 256)),
       decoder=dict(widths=(8, 8, 16, 16, 16, 32, 32) if quick else (32, 32, 64, 64, 64, 128, 128),
                    strides=(2, 1, 2, 1, 2, 2, 2), hidden=64 if quick else 512),
@@ -101,7 +101,8 @@ def input_aware_config(quick: bool) -> ml_collections.ConfigDict:
   """config.poison.input_aware (module docstring for the references). quick: G/M widths 8 → 16 → 32, classifier
   width 8, 2 mask epochs + 5 joint epochs, no flips (digits: about 2 minutes on 2 CPU cores)."""
   return ml_collections.ConfigDict(dict(
-      model=dict(name="resnet18", width=8 if quick else 64, mean=INPUT_AWARE_MEAN, std=INPUT_AWARE_STD),
+      model=dict(name="resnet18", width=8 if quick else 64, mean=INPUT_AWARE_MEAN, std=INPUT_AWARE_STD,
+                 dtype="auto"),
       num_classes=10,
       widths=(8, 16, 32) if quick else (32, 64, 128),
       pratio=0.1,  # backdoor rows per training batch (and as many cross rows)

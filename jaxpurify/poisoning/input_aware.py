@@ -59,7 +59,7 @@ from flax import nnx
 from jaxpurify import augment, parallel
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
-from jaxpurify.models import build_linear_classifier, check_name
+from jaxpurify.models import build_linear_classifier, check_name, compute_dtype
 from jaxpurify.poisoning import checks
 from jaxpurify.train.state import TrainState
 
@@ -200,10 +200,11 @@ def _torch_uniform(fan_in: int):
 class ConvBlock(nnx.Module):
   """The reference's Conv2dBlock: 3×3 conv (padding 1, bias) -> BatchNorm -> ReLU (if `relu`)."""
 
-  def __init__(self, cin: int, cout: int, relu: bool = True, *, rngs: nnx.Rngs):
+  def __init__(self, cin: int, cout: int, relu: bool = True, *, dtype=jnp.float32, rngs: nnx.Rngs):
     init = _torch_uniform(cin * 9)
-    self.conv = nnx.Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, bias_init=init, rngs=rngs)
-    self.bn = nnx.BatchNorm(cout, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+    self.conv = nnx.Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, bias_init=init, dtype=dtype,
+                         rngs=rngs)
+    self.bn = nnx.BatchNorm(cout, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
     self.relu = relu
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -227,22 +228,25 @@ class Generator(nnx.Module):
 
   Level i of L = len(widths) down: two ConvBlocks to widths[i], max-pool; a middle ConvBlock; level j up: bilinear
   ×2, ConvBlock(c, c), ConvBlock(c, next) with c = widths[L−1−j] and next = widths[L−2−j], or `out_channels`
-  without ReLU at the last level. H and W must be multiples of 2^L.
+  without ReLU at the last level. H and W must be multiples of 2^L. Convolutions compute in `dtype`; the output is
+  float32.
   """
 
-  def __init__(self, widths: Sequence[int], out_channels: int, *, rngs: nnx.Rngs):
+  def __init__(self, widths: Sequence[int], out_channels: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     widths, down, cin = tuple(int(w) for w in widths), [], 3
     for width in widths:
-      down.append(nnx.List([ConvBlock(cin, width, rngs=rngs), ConvBlock(width, width, rngs=rngs)]))
+      down.append(nnx.List([ConvBlock(cin, width, dtype=dtype, rngs=rngs),
+                            ConvBlock(width, width, dtype=dtype, rngs=rngs)]))
       cin = width
     self.down = nnx.List(down)
-    self.middle = ConvBlock(cin, cin, rngs=rngs)
+    self.middle = ConvBlock(cin, cin, dtype=dtype, rngs=rngs)
     up = []
     for j in range(len(widths)):
       c = widths[-1 - j]
       last = j == len(widths) - 1
       cout = out_channels if last else widths[-2 - j]
-      up.append(nnx.List([ConvBlock(c, c, rngs=rngs), ConvBlock(c, cout, relu=not last, rngs=rngs)]))
+      up.append(nnx.List([ConvBlock(c, c, dtype=dtype, rngs=rngs),
+                          ConvBlock(c, cout, relu=not last, dtype=dtype, rngs=rngs)]))
     self.up = nnx.List(up)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -251,15 +255,16 @@ class Generator(nnx.Module):
     x = self.middle(x, train)
     for first, second in self.up:
       x = second(first(_up(x), train), train)
-    return squash(x)
+    return squash(x.astype(jnp.float32))
 
 
 def build_models(block, seed: int) -> dict[str, nnx.Module]:
   """{'classifier': C, 'generator': G (3 channels), 'mask': M (1 channel)}, drawn from `seed`."""
   rngs = nnx.Rngs(seed)
   classifier = build_linear_classifier(block.model, block.num_classes, rngs)
-  return {"classifier": classifier, "generator": Generator(block.widths, 3, rngs=rngs),
-          "mask": Generator(block.widths, 1, rngs=rngs)}
+  dtype = compute_dtype(block.model.dtype)
+  return {"classifier": classifier, "generator": Generator(block.widths, 3, dtype=dtype, rngs=rngs),
+          "mask": Generator(block.widths, 1, dtype=dtype, rngs=rngs)}
 
 
 def _graphdefs(block) -> dict:
@@ -268,9 +273,9 @@ def _graphdefs(block) -> dict:
   return {name: nnx.split(model, nnx.Param, nnx.BatchStat)[0] for name, model in models.items()}
 
 
-def _generator_graphdef(widths: Sequence[int], out_channels: int):
+def _generator_graphdef(widths: Sequence[int], out_channels: int, dtype):
   """A Generator's graphdef (split into Param and BatchStat), built without allocating."""
-  return nnx.split(nnx.eval_shape(lambda: Generator(widths, out_channels, rngs=nnx.Rngs(0))), nnx.Param,
+  return nnx.split(nnx.eval_shape(lambda: Generator(widths, out_channels, dtype=dtype, rngs=nnx.Rngs(0))), nnx.Param,
                    nnx.BatchStat)[0]
 
 
@@ -452,7 +457,8 @@ def apply_pattern(block, state: TrainState, images: jax.Array, pattern_source_im
   a jit argument) is used through a host copy of G and M, so that it does not tie the jit to the state's mesh."""
   def net(name, channels):
     params, stats = jax.tree.map(_concrete_to_host, (state.params[name], state.batch_stats[name]))
-    return nnx.merge(_generator_graphdef(block.widths, channels), params, stats, copy=True)
+    return nnx.merge(_generator_graphdef(block.widths, channels, compute_dtype(block.model.dtype)), params, stats,
+                     copy=True)
 
   source = augment.normalize(augment.to_float(pattern_source_images), jnp.asarray(block.model.mean),
                              jnp.asarray(block.model.std))

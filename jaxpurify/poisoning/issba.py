@@ -48,6 +48,7 @@ from flax import nnx
 from jaxpurify import augment, parallel
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
+from jaxpurify.models import compute_dtype
 from jaxpurify.poisoning import checks
 from jaxpurify.train.state import (
   TrainState,
@@ -112,10 +113,10 @@ def check_config(block, image_size: int) -> None:
 # Encoder and decoder
 
 
-def _conv(cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+def _conv(cin: int, cout: int, kernel: int, stride: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
   """A conv padded as PyTorch's: (kernel − 1) // 2 before, kernel // 2 after (3×3: 1 / 1, 2×2: 0 / 1)."""
   pad = ((kernel - 1) // 2, kernel // 2)
-  return nnx.Conv(cin, cout, (kernel, kernel), stride, padding=(pad, pad), rngs=rngs)
+  return nnx.Conv(cin, cout, (kernel, kernel), stride, padding=(pad, pad), dtype=dtype, rngs=rngs)
 
 
 def _upsample(x: jax.Array) -> jax.Array:
@@ -132,15 +133,16 @@ class Encoder(nnx.Module):
   and a 3×3 conv (w_i); all ReLU; a 1×1 conv gives the residual.
   """
 
-  def __init__(self, secret_length: int, height: int, width: int, widths, *, rngs: nnx.Rngs):
+  def __init__(self, secret_length: int, height: int, width: int, widths, *, dtype=jnp.float32, rngs: nnx.Rngs):
     widths = tuple(widths)
-    self.secret_dense = nnx.Linear(secret_length, height * width * 3, rngs=rngs)
-    self.inconv = _conv(6, widths[0], 3, 1, rngs)
-    self.down = nnx.List([_conv(widths[i - 1], widths[i], 3, 2, rngs) for i in range(1, len(widths))])
-    self.up = nnx.List([_conv(widths[i + 1], widths[i], 2, 1, rngs) for i in reversed(range(len(widths) - 1))])
-    self.merge = nnx.List([_conv(2 * widths[i] + (6 if i == 0 else 0), widths[i], 3, 1, rngs)
+    self.secret_dense = nnx.Linear(secret_length, height * width * 3, dtype=dtype, rngs=rngs)
+    self.inconv = _conv(6, widths[0], 3, 1, dtype, rngs)
+    self.down = nnx.List([_conv(widths[i - 1], widths[i], 3, 2, dtype, rngs) for i in range(1, len(widths))])
+    self.up = nnx.List([_conv(widths[i + 1], widths[i], 2, 1, dtype, rngs)
+                        for i in reversed(range(len(widths) - 1))])
+    self.merge = nnx.List([_conv(2 * widths[i] + (6 if i == 0 else 0), widths[i], 3, 1, dtype, rngs)
                            for i in reversed(range(len(widths) - 1))])
-    self.residual = _conv(widths[0], 3, 1, 1, rngs)
+    self.residual = _conv(widths[0], 3, 1, 1, dtype, rngs)
 
   def __call__(self, images: jax.Array, secrets: jax.Array) -> jax.Array:
     secret_map = jax.nn.relu(self.secret_dense(secrets - 0.5)).reshape(images.shape)
@@ -153,7 +155,7 @@ class Encoder(nnx.Module):
       skip = skips.pop()
       parts = [skip, jax.nn.relu(up(_upsample(h)))] + ([] if skips else [inputs])
       h = jax.nn.relu(merge(jnp.concatenate(parts, axis=-1)))
-    return self.residual(h)
+    return self.residual(h).astype(jnp.float32)
 
 
 class Decoder(nnx.Module):
@@ -161,28 +163,30 @@ class Decoder(nnx.Module):
   strides on images − 0.5, flattened, Dense(hidden) + ReLU, Dense(L) (BackdoorBench's StegaStampDecoder)."""
 
   def __init__(self, secret_length: int, height: int, width: int, widths, strides, hidden: int, *,
-               rngs: nnx.Rngs):
+               dtype=jnp.float32, rngs: nnx.Rngs):
     channels = (3, *widths)
-    self.convs = nnx.List([_conv(channels[i], channels[i + 1], 3, s, rngs) for i, s in enumerate(strides)])
+    self.convs = nnx.List([_conv(channels[i], channels[i + 1], 3, s, dtype, rngs) for i, s in enumerate(strides)])
     for s in strides:
       height, width = -(-height // s), -(-width // s)
-    self.hidden = nnx.Linear(height * width * channels[-1], hidden, rngs=rngs)
-    self.out = nnx.Linear(hidden, secret_length, rngs=rngs)
+    self.hidden = nnx.Linear(height * width * channels[-1], hidden, dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(hidden, secret_length, dtype=dtype, rngs=rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     h = images - 0.5
     for conv in self.convs:
       h = jax.nn.relu(conv(h))
-    return self.out(jax.nn.relu(self.hidden(h.reshape(h.shape[0], -1))))
+    return self.out(jax.nn.relu(self.hidden(h.reshape(h.shape[0], -1)))).astype(jnp.float32)
 
 
 class StegaStamp(nnx.Module):
-  """The encoder/decoder pair trained together; `embed` gives x' = clip(x + residual, 0, 1)."""
+  """The encoder/decoder pair trained together, computing in block.dtype (outputs float32); `embed` gives
+  x' = clip(x + residual, 0, 1)."""
 
   def __init__(self, block, height: int, width: int, *, rngs: nnx.Rngs):
-    self.encoder = Encoder(block.secret_length, height, width, block.encoder.widths, rngs=rngs)
+    dtype = compute_dtype(block.dtype)
+    self.encoder = Encoder(block.secret_length, height, width, block.encoder.widths, dtype=dtype, rngs=rngs)
     self.decoder = Decoder(block.secret_length, height, width, block.decoder.widths, block.decoder.strides,
-                           block.decoder.hidden, rngs=rngs)
+                           block.decoder.hidden, dtype=dtype, rngs=rngs)
 
   def embed(self, images: jax.Array, secrets: jax.Array) -> jax.Array:
     """float [B, H, W, 3] in [0, 1], float [B, L] -> float [B, H, W, 3] in [0, 1]."""

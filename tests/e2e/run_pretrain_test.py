@@ -40,6 +40,7 @@ def test_rerun_of_a_finished_run_recomputes_nothing(clean_run):
   evaluations, out = run_experiment("simclr:tiny", workdir)
   assert os.path.getmtime(os.path.join(workdir, "pretrain", "metrics.jsonl")) == before
   assert evaluations == read(workdir, "results.json")["evaluations"] and "| clean/digits |" in out
+  assert "steps, compile" not in out and "evaluate:" not in out  # no stage ran, so none reports its time
 
 
 def test_corrupt_checkpoint_is_one_line(clean_run, tmp_path):
@@ -61,7 +62,8 @@ def test_corrupt_checkpoint_is_one_line(clean_run, tmp_path):
 @pytest.mark.parametrize("method", ["moco", "byol"])
 def test_tiny_pretraining_with_another_ssl_method(tmp_path, method):
   workdir = str(tmp_path / method)
-  evaluations, _ = run_experiment(f"{method}:tiny", workdir, "pretrain.train.epochs=1")
+  evaluations, out = run_experiment(f"{method}:tiny", workdir, "pretrain.train.epochs=1")
+  assert "pretrain: 22 steps, compile " in out and "evaluate: 1 encoder(s) on digits, " in out  # the stage times
   assert read(workdir, "results.json")["experiment"] == "pretrain"
   assert read(workdir, "config.json")["pretrain"]["method"] == method
   assert 0.3 < evaluations["clean/digits"]["acc"] <= 1.0

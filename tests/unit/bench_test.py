@@ -114,7 +114,7 @@ class BenchTest(absltest.TestCase):
         self.assertEqual(status, 0)
         with open(path, encoding="utf-8") as f:
           results[name] = json.load(f)
-    self.assertIn("(distill step, float32)", out)
+    self.assertIn("(distill step, float32)", out)  # config.model.dtype=auto on a CPU
     self.assertEqual(results["distill"]["global_batch"], 16)
     # Two trained student views (forward + backward, about 3 forwards each) and one inference teacher view.
     self.assertBetween(results["distill"]["flops_per_step"] / results["simclr"]["flops_per_step"], 1.05, 1.4)
@@ -133,6 +133,9 @@ class BenchTest(absltest.TestCase):
     self.assertEqual(bench.matmul_peak("NVIDIA A100-SXM4-80GB", None)[0], 156.0)
     self.assertEqual(bench.matmul_peak("TPU v5 lite", None)[0], 197.0)
     self.assertIsNone(bench.matmul_peak("cpu", None))
+    self.assertEqual(bench.matmul_peak("NVIDIA H100 80GB HBM3", None, "bfloat16")[0], 989.0)  # bf16 tensor cores
+    self.assertEqual(bench.matmul_peak("NVIDIA A100-SXM4-40GB", "highest", "bfloat16")[0], 312.0)
+    self.assertEqual(bench.matmul_peak("TPU v4", None, "bfloat16")[0], 275.0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 
+import jax
 from absl.testing import absltest
 
 from configs import common, simclr
@@ -157,3 +158,22 @@ class WorkdirTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class CompilationCacheTest(absltest.TestCase):
+
+  def test_runs_share_a_persistent_compilation_cache(self):
+    """Where JAX_COMPILATION_CACHE_DIR sets none, the CLI puts XLA's cache under $XDG_CACHE_HOME/jaxpurify/xla;
+    one the environment set (as tests/conftest.py does) is kept."""
+    mine = jax.config.jax_compilation_cache_dir
+    self.assertTrue(mine)
+    cli.enable_compilation_cache()
+    self.assertEqual(jax.config.jax_compilation_cache_dir, mine)
+    with tempfile.TemporaryDirectory() as home:
+      try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        with absltest.mock.patch.dict(os.environ, {"XDG_CACHE_HOME": home}):
+          cli.enable_compilation_cache()
+        self.assertEqual(jax.config.jax_compilation_cache_dir, os.path.join(home, "jaxpurify", "xla"))
+      finally:
+        jax.config.update("jax_compilation_cache_dir", mine)

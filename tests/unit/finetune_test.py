@@ -14,7 +14,8 @@ from jaxpurify import augment, finetune, parallel
 from jaxpurify.encoders import build_backbone
 from jaxpurify.train.state import create_state, make_optimizer
 
-MODEL = ml_collections.ConfigDict(dict(name="resnet10", width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+MODEL = ml_collections.ConfigDict(dict(name="resnet10", width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                       dtype="float32"))
 HEAD = ml_collections.ConfigDict(dict(hidden=(16, 8), dropout=0.5))
 
 

@@ -148,7 +148,7 @@ class FixtureTest(parameterized.TestCase):
 
 def interop_config():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(name="resnet18", width=8, import_map="auto"))
+  return ml_collections.ConfigDict(dict(name="resnet18", width=8, import_map="auto", dtype="float32"))
 
 
 class RoundTripTest(parameterized.TestCase):

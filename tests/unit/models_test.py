@@ -46,7 +46,7 @@ class ModelsTest(parameterized.TestCase):
     self.assertEqual(n_params(lambda: build_encoder("resnet50", 64, rngs=nnx.Rngs(0))), expected)
 
   def test_ssl_head_dims(self):
-    cfg = ml_collections.ConfigDict(dict(name="resnet18", width=8))
+    cfg = ml_collections.ConfigDict(dict(name="resnet18", width=8, dtype="float32"))
     head = ml_collections.ConfigDict(dict(hidden=0, dim=16))
     model = nnx.eval_shape(lambda: build_ssl_model(cfg, head, seed=0))
     graphdef, state = nnx.split(model)

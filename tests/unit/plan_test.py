@@ -34,9 +34,14 @@ def test_threat_and_tcore_pipelines_list_their_stages():
   assert list(stages_of("ctrl")) == ["pretrain", "pretrain_poisoned", "evaluate (features)"]
 
 
-def test_hours_are_flops_over_the_utilised_peak():
-  h = plan.hours(3600 * 494.7e12 * 0.5, 0.5)
+def test_hours_are_flops_over_the_utilised_peak_of_the_steps_dtype():
+  h = plan.hours(3600 * 494.7e12 * 0.5, 0.5, "float32")  # TF32 tensor cores
   assert h["H100"] == pytest.approx(1.0) and h["A100"] == pytest.approx(494.7 / 156.0)
+  h = plan.hours(3600 * 989e12 * 0.5, 0.5, "bfloat16")
+  assert h["H100"] == pytest.approx(1.0) and h["A100"] == pytest.approx(989 / 312.0)
+  assert h["TPU v4"] == plan.hours(3600 * 989e12 * 0.5, 0.5, "float32")["TPU v4"]  # the MXU is bf16 either way
+  assert plan.accelerator_dtype(config("simclr:tiny")) == "bfloat16"
+  assert plan.accelerator_dtype(config("simclr:tiny", "model.dtype=float32")) == "float32"
 
 
 def test_the_command_prints_a_table_with_a_total(tmp_path):
@@ -47,6 +52,7 @@ def test_the_command_prints_a_table_with_a_total(tmp_path):
   with open(path) as f:
     rows = json.load(f)["stages"]
   assert [r["stage"] for r in rows] == ["pretrain", "evaluate (features)"]
+  assert "Device-hours of bfloat16 steps" in out
   assert all(r["flops_per_step"] > 0 and r["memory_bytes"] > 0 for r in rows)
   status, lines, _ = cli_main("--config", "configs/simclr.py:tiny", "--mfu", "2", main=plan.main)
   assert status == 2 and "--mfu 2.0 is not in (0, 1]" in lines[0]

@@ -18,7 +18,8 @@ from jaxpurify.encoders import build_backbone
 from jaxpurify.errors import UserError
 from jaxpurify.train.state import create_state, make_optimizer
 
-MODEL = ml_collections.ConfigDict(dict(name="resnet10", width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+MODEL = ml_collections.ConfigDict(dict(name="resnet10", width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                       dtype="float32"))
 HEAD = ml_collections.ConfigDict(dict(hidden=(16, 8), dropout=0.0))
 AUGMENT = ml_collections.ConfigDict(dict(padding=0, flip_prob=0.0))
 

@@ -119,7 +119,7 @@ def test_too_few_reserve_images_and_bad_settings_are_user_errors():
 
 
 def test_suspects_scores_with_the_undefended_classifier():
-  model_config = ml_collections.ConfigDict(dict(name="resnet10", width=4, mean=MEAN, std=STD))
+  model_config = ml_collections.ConfigDict(dict(name="resnet10", width=4, mean=MEAN, std=STD, dtype="float32"))
   head = ml_collections.ConfigDict(dict(hidden=(16, 8), dropout=0.0))
   mesh = parallel.make_mesh()
   graphdef, state = create_state(lambda: finetune.build_classifier(build_backbone(model_config, 0), 3, head, 0),

@@ -15,7 +15,8 @@ from jaxpurify.defenses.tcore import channels
 from jaxpurify.encoders import Encoder, build_backbone, encode_fn
 from jaxpurify.models import ResNet
 
-MODEL = ml_collections.ConfigDict(dict(name="resnet18", width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+MODEL = ml_collections.ConfigDict(dict(name="resnet18", width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                       dtype="float32"))
 HEAD = ml_collections.ConfigDict(dict(hidden=(16, 8), dropout=0.0))
 TARGET = "stage4.block1.conv2"  # its BatchNorm is params['stages'][3][1]['bn2'], 32 channels
 # Width-4 resnet18 in forward order: (name, kernel shape).

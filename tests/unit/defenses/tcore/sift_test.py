@@ -12,7 +12,8 @@ from jaxpurify.defenses.tcore import sift
 from jaxpurify.encoders import build_backbone, encode_fn
 from jaxpurify.errors import UserError
 
-MODEL = ml_collections.ConfigDict(dict(name="resnet10", width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+MODEL = ml_collections.ConfigDict(dict(name="resnet10", width=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                       dtype="float32"))
 
 
 def _one_device_mesh():

@@ -1,0 +1,1 @@
+"""Reference implementations that `python -m jaxpurify.bench --compare ...` measures beside jaxpurify's steps."""
