@@ -59,7 +59,7 @@ def test_corrupt_checkpoint_is_one_line(clean_run, tmp_path):
   assert "delete" in lines[0] and "pretrain/done.json" in lines[0], lines
 
 
-@pytest.mark.parametrize("method", ["moco", "byol"])
+@pytest.mark.parametrize("method", [pytest.param("moco", marks=pytest.mark.extended), "byol"])
 def test_tiny_pretraining_with_another_ssl_method(tmp_path, method):
   workdir = str(tmp_path / method)
   evaluations, out = run_experiment(f"{method}:tiny", workdir, "pretrain.train.epochs=1")

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 
+import pytest
 from absl.testing import absltest
 
 from jaxpurify import bench
@@ -33,6 +34,7 @@ class BenchTest(absltest.TestCase):
         status, out, _ = run_bench(*TINY, f"--config.pretrain.train.batch_size={batch}", "--json", path)
         self.assertEqual(status, 0)
         self.assertIn("images/s", out)
+        self.assertIn("(pretrain step, float32)", out)  # config.model.dtype=auto on a CPU
         with open(path, encoding="utf-8") as f:
           results[batch] = json.load(f)
     small, large = results[16], results[32]
@@ -48,6 +50,7 @@ class BenchTest(absltest.TestCase):
     for cpu_unknown in ("peak_memory_bytes", "peak_tflops_per_device", "peak_used", "utilisation"):
       self.assertIsNone(small[cpu_unknown], cpu_unknown)
 
+  @pytest.mark.extended  # 16-25 s each: the other experiments' steps (the default run benches SimCLR)
   def test_attack_steps(self):
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +70,7 @@ class BenchTest(absltest.TestCase):
     # backwards (triggered, shadow, 3 x references) against three, plus DRUPE's extra augmentations and terms.
     self.assertBetween(results["drupe"]["flops_per_step"] / results["badencoder"]["flops_per_step"], 1.5, 2.2)
 
+  @pytest.mark.extended  # 16-25 s each: the other experiments' steps (the default run benches SimCLR)
   def test_ft_head_step_costs_less_than_ft_all(self):
     """FT-head runs the encoder forward only (no backward through it): well under FT-all's FLOPs (ResNet-18: on
     ResNet-10 the head's share of the FLOPs lifts the ratio to the bound)."""
@@ -86,6 +90,7 @@ class BenchTest(absltest.TestCase):
     # A backward pass costs about twice the forward: FT-all ~ 3 forwards, FT-head ~ 1 (plus the head).
     self.assertBetween(results["ft_head"]["flops_per_step"] / results["ft_all"]["flops_per_step"], 0.2, 0.5)
 
+  @pytest.mark.extended  # 16-25 s each: the other experiments' steps (the default run benches SimCLR)
   def test_confusion_step_costs_an_ft_all_step_of_both_batches(self):
     """T-Core's confusion step runs 16 suspect + 16 seed images through FT-all: one FT-all step at batch 32."""
     results = {}
@@ -102,6 +107,7 @@ class BenchTest(absltest.TestCase):
     self.assertEqual(results["tcore"]["global_batch"], 32)
     self.assertBetween(results["tcore"]["flops_per_step"] / results["ft_all"]["flops_per_step"], 0.9, 1.15)
 
+  @pytest.mark.extended  # 16-25 s each: the other experiments' steps (the default run benches SimCLR)
   def test_distill_step_costs_a_simclr_step_plus_a_teacher_forward(self):
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
