@@ -27,6 +27,24 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _computes_in_float32(value) -> bool:
+  from jaxpurify.models import compute_dtype  # pylint: disable=g-import-not-at-top  (keeps this module light)
+  return compute_dtype(value) == "float32"
+
+
+# Keys that configs gained after runs were made, by leaf name: a saved config without one is the same run when
+# the current value does what the code did before the key existed (compute dtype: float32).
+ADDED_KEYS = {"dtype": _computes_in_float32}
+
+
+def _differences(previous: dict, current: dict) -> list[str]:
+  """The dotted keys whose values differ between two configs (as JSON), except keys the saved one predates that
+  keep its behaviour (ADDED_KEYS)."""
+  a, b = _flatten(previous), _flatten(current)
+  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not (
+      k not in a and k.rpartition(".")[2] in ADDED_KEYS and ADDED_KEYS[k.rpartition(".")[2]](b[k])))
+
+
 def _write_json(path: str, obj) -> None:
   """Atomic write (a kill leaves the old file or the new one, never half of one)."""
   if jax.process_index() == 0:
@@ -100,9 +118,7 @@ def _check_claim(workdir: str, current: dict) -> None:
         previous = json.load(f)
       except json.JSONDecodeError:
         raise UserError(f"{saved} is not valid JSON; restore it or use a new --workdir") from None
-    if previous != current:
-      a, b = _flatten(previous), _flatten(current)
-      diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff := _differences(previous, current):
       raise UserError(f"workdir {workdir} holds a run of a different config (differs in "
                       f"{', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}); pass another --workdir, "
                       "or re-run with the config that made it")

@@ -135,6 +135,30 @@ class WorkdirTest(absltest.TestCase):
       self.assertEqual(f.read(), saved)
     Run(simclr.get_config("quick"), workdir)  # the same config resumes
 
+  def test_a_run_from_before_the_compute_dtype_resumes_where_it_computes_in_float32(self):
+    """config.json files written before config.model.dtype existed lack it: the run resumes under a dtype that
+    computes in float32 (auto on this CPU, float32) and is refused under bfloat16."""
+    workdir = self.tempdir()
+    Run(simclr.get_config("quick"), workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+      saved = json.load(f)
+    del saved["model"]["dtype"]
+    with open(path, "w") as f:
+      json.dump(saved, f)
+    other = simclr.get_config("quick")
+    other.model.dtype = "bfloat16"
+    with self.assertRaisesRegex(UserError, r"different config \(differs in model.dtype\)"):
+      Run(other, workdir)
+    for dtype in ("float32", "auto"):
+      with open(path, "w") as f:
+        json.dump(saved, f)
+      same = simclr.get_config("quick")
+      same.model.dtype = dtype
+      Run(same, workdir)  # resumes, and config.json now names the dtype
+      with open(path) as f:
+        self.assertEqual(json.load(f)["model"]["dtype"], dtype)
+
   def test_non_run_directory_is_refused(self):
     workdir = self.tempdir()
     with open(os.path.join(workdir, "notes.txt"), "w") as f:
