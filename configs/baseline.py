@@ -1,11 +1,12 @@
-"""Baseline defenses in the threat harness T-Core uses: dataset filters (SS, AC, SCAn, SPECTRE, STRIP, CT, ASSET)
-and poison-robust training (ABL), against threats 2 and 3 (docs/baselines.md).
+"""Baseline defenses in the threat harness T-Core uses: dataset filters (SS, AC, SCAn, SPECTRE, STRIP, CT, ASSET),
+poison-robust training (ABL) and model repair (FT), against threats 2 and 3 (docs/baselines.md).
 
   python main.py --config configs/baseline.py:defense=ss,threat=2,attack=badnets,quick
   python main.py --config configs/baseline.py:defense=scan,threat=3,attack=blended,encoder=badencoder,quick
   python -m jaxpurify.compare --config configs/tcore.py:threat=2,attack=badnets,quick --defenses tcore,ss,ac
 
-defense = ss | ac | scan | spectre | strip | ct | asset | abl | tcore (T-Core on the same setting and victim set).
+defense = ss | ac | scan | spectre | strip | ct | asset | abl | ft | tcore (T-Core on the same setting and victim
+set).
 protocol = ft_all (default) | ft_head | both. The setting's stages (clean encoder, encoder attack, poisoned set,
 undefended fine-tuning) have the names `configs/threat.py` and `configs/tcore.py` runs give them.
 """
@@ -29,7 +30,7 @@ def experiment(defense: str, threat: int, attack: str, encoder: str, downstream:
 
   The defender holds out `baseline.clean_fraction` of the downstream training set (per class, drawn with the seed)
   before the attacker poisons the rest; every cell trains on the rest, and only the methods that need clean
-  labelled data (SCAn, STRIP, CT, ASSET) read the reserve. No method sees the poison rate, the target or the
+  labelled data (SCAn, STRIP, CT, ASSET, FT) read the reserve. No method sees the poison rate, the target or the
   poison positions: budgets and thresholds are the config's.
 
   Defaults (sources in docs/baselines.md): SS removes the top 15% of each class (BackdoorBench's percentile 85,
@@ -39,7 +40,8 @@ def experiment(defense: str, threat: int, attack: str, encoder: str, downstream:
   (backdoor-toolbox); CT the official CIFAR-10 rounds with the reserve as confusion set and its likelihood-ratio
   test (threshold 2, 1.5 for the largest ratio); ASSET Adam 1e-4, a 2-layer MLP (hidden 128) fitted 100 steps per
   batch, outlyingness > 2, one epoch (reds-lab/ASSET demo); ABL flooding 0.5, isolation 1% after 20 epochs,
-  unlearning 20 epochs at lr 5e-4 (BackdoorBench). quick: smaller budgets of steps (below).
+  unlearning 20 epochs at lr 5e-4 (BackdoorBench); FT 100 epochs on the reserve, batch 256, SGD 0.01 (momentum 0.9,
+  weight decay 5e-4, cosine) from the undefended classifier (BackdoorBench). quick: smaller budgets of steps (below).
   """
   c = tcore_config.experiment(threat, attack, encoder, downstream, protocol, quick)
   c.experiment = "baseline"
@@ -58,7 +60,9 @@ def experiment(defense: str, threat: int, attack: str, encoder: str, downstream:
       asset=dict(optim=common.optim("adam", 1e-4, 0.0), batch_size=512, base_batch_size=128, mlp_hidden=128,
                  inner_steps=100, epochs=1, outlyingness=2.0, threshold_eps=1e-6, min_marked=2, log_every=10),
       abl=dict(flooding=0.5, isolation_epochs=20, isolation_fraction=0.01, unlearn_epochs=20,
-               unlearn_optim=common.optim("sgd", 5e-4, 1e-4, momentum=0.9), log_every=50)))
+               unlearn_optim=common.optim("sgd", 5e-4, 1e-4, momentum=0.9), log_every=50),
+      ft=dict(optim=common.optim("sgd", 0.01, 5e-4, momentum=0.9, schedule="cosine"), epochs=100, batch_size=256,
+              log_every=50)))
   if quick:
     b = c.baseline
     b.strip.update(blends=32, batch_size=256)
@@ -66,4 +70,5 @@ def experiment(defense: str, threat: int, attack: str, encoder: str, downstream:
                 pretrain_epochs=(5, 5), pretrain_optim=common.optim("adam", 1e-3, 0.0), log_every=25)
     b.asset.update(batch_size=64, base_batch_size=32, inner_steps=20)
     b.abl.update(isolation_epochs=5, unlearn_epochs=5, log_every=20)
+    b.ft.update(batch_size=64, log_every=20)
   return c

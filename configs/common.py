@@ -112,6 +112,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     b.ct.update(ratios=b.ct.ratios[:1], lambdas=b.ct.lambdas[:1], lrs=b.ct.lrs[:1], iters=(4,), pretrain_epochs=(1,))
     b.asset.update(inner_steps=2, epochs=1)
     b.abl.update(isolation_epochs=1, unlearn_epochs=1)
+    b.ft.epochs = 2
   return c
 
 

@@ -37,7 +37,7 @@ def _computes_in_float32(value) -> bool:
 ADDED_KEYS = {"dtype": _computes_in_float32}
 
 
-def _differences(previous: dict, current: dict) -> list[str]:
+def config_differences(previous: dict, current: dict) -> list[str]:
   """The dotted keys whose values differ between two configs (as JSON), except keys the saved one predates that
   keep its behaviour (ADDED_KEYS)."""
   a, b = _flatten(previous), _flatten(current)
@@ -118,7 +118,7 @@ def _check_claim(workdir: str, current: dict) -> None:
         previous = json.load(f)
       except json.JSONDecodeError:
         raise UserError(f"{saved} is not valid JSON; restore it or use a new --workdir") from None
-    if diff := _differences(previous, current):
+    if diff := config_differences(previous, current):
       raise UserError(f"workdir {workdir} holds a run of a different config (differs in "
                       f"{', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}); pass another --workdir, "
                       "or re-run with the config that made it")

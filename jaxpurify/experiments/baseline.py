@@ -75,7 +75,8 @@ def _defense_seconds(run, seconds: float) -> float:
 
 def defend(run, setting: threats.Setting, mesh) -> tuple[dict, dict]:
   """The method config.baseline.defense, per protocol, on the undefended classifier's features and logits ->
-  ({'defended/<protocol>': {acc, asr, asr_all}}, {'removed/<protocol>': {removed, tpr, fpr}}). Stage
+  ({'defended/<protocol>': {acc, asr, asr_all}}, {'removed/<protocol>': {removed, tpr, fpr}}, the latter only for
+  a method that removes or isolates samples). Stage
   `<name>_defended_<protocol>` keeps each protocol's evaluation and removals, so a finished defense is not loaded
   again."""
   config, s = run.config, setting
@@ -85,14 +86,15 @@ def defend(run, setting: threats.Setting, mesh) -> tuple[dict, dict]:
     if (record := run.done(stage)) is None:
       record = run.finish(stage, _defend_protocol(run, s, protocol, mesh))
     rows[f"defended/{protocol}"] = record["evaluation"]
-    diagnostics[f"removed/{protocol}"] = removal_rates(np.asarray(record["removed"], np.int64), s.poison,
-                                                       len(s.victim_labels))
+    if record["removed"] is not None:
+      diagnostics[f"removed/{protocol}"] = removal_rates(np.asarray(record["removed"], np.int64), s.poison,
+                                                         len(s.victim_labels))
   return rows, diagnostics
 
 
 def _defend_protocol(run, s: threats.Setting, protocol: str, mesh) -> dict:
   """One protocol's defense -> {'evaluation': {acc, asr, asr_all}, 'removed': the removed (a filter) or isolated
-  (ABL) positions in the victim set}."""
+  (ABL) positions in the victim set, None for a method that sets no samples apart (FT)}."""
   config = run.config
   name = config.baseline.defense
   method, block = baselines.module(name), config.baseline[name]
@@ -109,7 +111,9 @@ def _defend_protocol(run, s: threats.Setting, protocol: str, mesh) -> dict:
   else:
     graphdef, state, extra = method.train(inputs, block, run)
     evaluation = finetune.evaluate_classifier(config, graphdef, state, s.test, s.trigger, s.target, mesh)
-    removed = np.asarray(extra.get("isolated", []), np.int64)
+    if "isolated" not in extra:
+      return {"evaluation": evaluation, "removed": None}
+    removed = np.asarray(extra["isolated"], np.int64)
   return {"evaluation": evaluation, "removed": removed.tolist()}
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxpurify.data import ImageSplit
 from jaxpurify.errors import UserError
+from jaxpurify.pipeline import config_differences
 from jaxpurify.poisoning import input_aware, issba, label_consistent, selection
 from jaxpurify.poisoning.defaults import ATTACKS
 from jaxpurify.triggers import dataset as transforms
@@ -200,7 +201,7 @@ def load(path: str, train: ImageSplit | None = None, block=None) -> tuple[Poison
                f"{train.images.shape[1]}")
   elif train is not None and len(labels) and (labels.min() < 0 or labels.max() >= train.num_classes):
     problem = f"labels outside {train.name}'s {train.num_classes} classes"
-  elif block is not None and json.loads(saved.to_json()) != json.loads(block.to_json()):
+  elif block is not None and config_differences(json.loads(saved.to_json()), json.loads(block.to_json())):
     problem = "settings that differ from config.poison"
   if problem is not None:
     raise UserError(f"{path} holds {problem}; {fix}")

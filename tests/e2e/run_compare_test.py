@@ -1,6 +1,7 @@
 """`python -m jaxpurify.compare`, in-process on a tiny setting: one defense of each path through the harness on one
-victim set (a filter reading the undefended model and the clean reserve; a training defense; FT-head, the cheaper
-protocol), the setting's stages made once and linked, the table and its rows, and a re-run that trains nothing.
+victim set (a filter reading the undefended model and the clean reserve; a training defense on the poisoned set;
+a repair of the undefended model on the reserve; FT-head, the cheaper protocol), the setting's stages made once
+and linked, the table and its rows, and a re-run that trains nothing.
 The other methods' `suspects` run tiny in their unit tests."""
 
 import json
@@ -13,7 +14,7 @@ from jaxpurify import compare
 from jaxpurify.defenses import baselines
 from jaxpurify.poisoning import registry
 
-DEFENSES = ["strip", "abl"]
+DEFENSES = ["strip", "abl", "ft"]
 
 
 def test_compare_runs_every_defense_on_one_victim_set(clean_run, tmp_path):
@@ -38,6 +39,9 @@ def test_compare_runs_every_defense_on_one_victim_set(clean_run, tmp_path):
       hits = np.isin(removed, poisoned.poison).sum()
       assert row["tpr"] == hits / len(poisoned.poison)
       assert row["fpr"] == (len(removed) - hits) / (len(poisoned.labels) - len(poisoned.poison))
+    if defense == "ft":  # the undefended model, fine-tuned on the reserve alone
+      with open(os.path.join(cell, "ft_repair_ft_head", "done.json"), encoding="utf-8") as f:
+        assert json.load(f)["examples"] == row["clean_used"]
   text = open(os.path.join(workdir, "compare.md"), encoding="utf-8").read()
   assert all(f"| {d} |" in text for d in DEFENSES) and "DER" in text
   stamps = {path: os.path.getmtime(path) for path in _done_files(workdir)}

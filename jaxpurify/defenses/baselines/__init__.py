@@ -2,12 +2,14 @@
 
 A method module `jaxpurify/defenses/baselines/<name>.py` holds
   KIND        'filter' (removes samples; the harness fine-tunes on the rest with the undefended row's protocol) or
-              'training' (trains its own classifier on the poisoned set);
+              'training' (trains its own classifier, on the poisoned set or, repairing the undefended one, on the
+              reserve);
   CLEAN_DATA  True when it reads the defender's reserved clean set (Inputs.reserve_*);
   check(block, config, victim_counts, reserve_counts) -> None   (optional) UserError on a setting that cannot
               run, before any work (the counts: int [C] images per class of the victim set and of the reserve);
 and, for a filter,   suspects(inputs, block, run) -> sorted int64 indices into the victim set to remove;
-for a training one,  train(inputs, block, run) -> (graphdef, state, diagnostics) of its final classifier.
+for a training one,  train(inputs, block, run) -> (graphdef, state, diagnostics) of its final classifier
+                     (diagnostics 'isolated': the positions it set apart, reported as removed; FT sets none).
 `block` is config.baseline.<name>. Trained parts are stages of the run named '<name>_<part>_<protocol>'.
 """
 
