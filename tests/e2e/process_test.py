@@ -71,6 +71,7 @@ def test_sigterm_then_sigkill_mid_stage_and_a_second_copy_refused_then_the_rerun
   assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
 
 
+@pytest.mark.extended  # 26-32 s; every step's sharded-vs-single-device unit test runs by default
 def test_one_device_ends_with_the_same_loss_as_eight(clean_run, tmp_path):
   workdir = str(tmp_path / "one_device")
   run_to_end(workdir, "--config.pretrain.train.epochs=1", "--config.evaluate.monitors=()",

@@ -1,6 +1,6 @@
 """`python -m jaxpurify.compare`, in-process on a tiny setting: one defense of each path through the harness on one
-victim set (a filter reading the undefended model and the clean reserve; a training defense on the poisoned set;
-a repair of the undefended model on the reserve; FT-head, the cheaper protocol), the setting's stages made once
+victim set (a filter reading the undefended model and the clean reserve; a training defense, the repair of the
+undefended model on the reserve; FT-head, the cheaper protocol), the setting's stages made once
 and linked, the table and its rows, and a re-run that trains nothing.
 The other methods' `suspects` run tiny in their unit tests."""
 
@@ -14,7 +14,7 @@ from jaxpurify import compare
 from jaxpurify.defenses import baselines
 from jaxpurify.poisoning import registry
 
-DEFENSES = ["strip", "abl", "ft"]
+DEFENSES = ["strip", "ft"]  # ABL's phases are unit-tested (tests/unit/defenses/baselines/abl_test.py)
 
 
 def test_compare_runs_every_defense_on_one_victim_set(clean_run, tmp_path):

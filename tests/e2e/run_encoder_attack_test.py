@@ -32,6 +32,7 @@ def test_badencoder_on_a_pretrained_encoder(badencoder_run, clean_run):
   check_attack_run(badencoder_run, clean_run[0], "badencoder")
 
 
+@pytest.mark.extended  # 27-35 s; DRUPE's step runs in tests/unit/attacks/encoder_finetune_test.py
 def test_drupe_on_a_pretrained_encoder(clean_run, tmp_path):
   workdir = str(tmp_path / "drupe")
   _, out = run_experiment("drupe:tiny", workdir, f"attack.clean_encoder={clean_run[0]}")

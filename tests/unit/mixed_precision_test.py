@@ -16,7 +16,7 @@ from jaxpurify.errors import UserError
 
 # One config per distinct training step (its experiment's `bench_step`, on synthetic images). CTRL's pre-training
 # is the SimCLR step on a poisoned set, T-Core's expansion runs the confusion step. They run with `pytest -m
-# extended` (7-23 s each on 2 cores); the default run checks bfloat16 through the sharded distillation test below.
+# extended` (7-23 s each on 2 cores), as the sharded bfloat16 test; the default run checks the models' dtypes.
 STEPS = {
     "simclr": "simclr:tiny",
     "moco": "moco:tiny",
@@ -89,6 +89,7 @@ def test_bfloat16_step_against_float32(name):
   assert {leaf.dtype for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.extended  # 13-29 s
 def test_sharded_bfloat16_step_equals_single_device():
   """The distillation step (student SSL loss, attention transfer on the taps, a frozen teacher) on 8 devices against
   1, both bfloat16. Float32 runs of the two agree to ~1e-5 (helpers.assert_trees_close): other shard sizes pick other
