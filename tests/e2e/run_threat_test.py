@@ -52,6 +52,7 @@ def test_tcore_under_threat_2_writes_rows_diagnostics_and_resumes(clean_run, thr
   assert again == evaluations and "| defended/ft_all |" in out
 
 
+@pytest.mark.extended  # 26-28 s; threat 3's attack stage compiles by default in tests/unit/plan_test.py
 def test_threat_3_trains_the_encoder_attack_with_the_data_trigger(clean_run, tmp_path):
   workdir = str(tmp_path / "t3")
   evaluations, _ = run_experiment("threat:threat=3,attack=badnets,tiny", workdir, f"clean_encoder={clean_run[0]}",
