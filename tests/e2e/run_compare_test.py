@@ -2,12 +2,13 @@
 victim set (a filter reading the undefended model and the clean reserve; a training defense, the repair of the
 undefended model on the reserve; FT-head, the cheaper protocol), the setting's stages made once
 and linked, the table and its rows, and a re-run that trains nothing.
-The other methods' `suspects` run tiny in their unit tests."""
+The other methods' `suspects` run tiny in their unit tests; ABL's cell runs with `-m extended`."""
 
 import json
 import os
 
 import numpy as np
+import pytest
 
 from helpers import cli_main
 from jaxpurify import compare
@@ -52,3 +53,17 @@ def test_compare_runs_every_defense_on_one_victim_set(clean_run, tmp_path):
 
 def _done_files(workdir: str) -> list[str]:
   return [os.path.join(root, "done.json") for root, _, files in os.walk(workdir) if "done.json" in files]
+
+
+@pytest.mark.extended  # ABL's three phases (isolate, fine-tune the rest, unlearn) through the harness
+def test_compare_runs_abl_and_reports_its_isolated_set(clean_run, tmp_path):
+  workdir = str(tmp_path / "compare_abl")
+  status, lines, _ = cli_main("--config", "configs/tcore.py:threat=2,attack=badnets,protocol=ft_head,tiny",
+                              "--defenses", "abl", "--workdir", workdir, f"--config.clean_encoder={clean_run[0]}",
+                              main=compare.main)
+  assert status == 0, lines
+  row = json.load(open(os.path.join(workdir, "compare.json"), encoding="utf-8"))[-1]
+  assert row["defense"] == "abl" and row["clean_used"] == 0 and {"tpr", "fpr"} <= set(row)
+  cell = os.path.join(workdir, "threat2-badnets-ft_head", "abl")
+  for phase in ("isolate", "finetune", "unlearn"):
+    assert os.path.exists(os.path.join(cell, f"abl_{phase}_ft_head", "done.json")), phase
