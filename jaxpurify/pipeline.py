@@ -41,8 +41,12 @@ def config_differences(previous: dict, current: dict) -> list[str]:
   """The dotted keys whose values differ between two configs (as JSON), except keys the saved one predates that
   keep its behaviour (ADDED_KEYS)."""
   a, b = _flatten(previous), _flatten(current)
-  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not (
-      k not in a and k.rpartition(".")[2] in ADDED_KEYS and ADDED_KEYS[k.rpartition(".")[2]](b[k])))
+
+  def predated_and_kept(key: str) -> bool:
+    keeps = ADDED_KEYS.get(key.rpartition(".")[2])
+    return key not in a and keeps is not None and keeps(b[key])
+
+  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not predated_and_kept(k))
 
 
 def _write_json(path: str, obj) -> None:

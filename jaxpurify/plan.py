@@ -23,23 +23,22 @@ from typing import NamedTuple
 import jax
 
 from jaxpurify import cli, encoders, experiments, parallel
-from jaxpurify.bench import PEAK_TFLOPS
+from jaxpurify.bench import matmul_peak
 from jaxpurify.data import catalog, synthetic
 from jaxpurify.errors import UserError
 from jaxpurify.pipeline import derived_config
 
 USAGE = "usage: python -m jaxpurify.plan --config configs/NAME.py[:ARGS] [--config.a.b=V ...] [--mfu 0.4]"
 MEMORY_GB = (16, 40, 80, 141)
-# Devices of the estimate (their PEAK_TFLOPS row). Float32 steps run on TF32 tensor cores on NVIDIA (JAX's default
-# matmul precision) and on the bf16 MXU on TPUs; bfloat16 steps on the bf16 units of both.
+# Devices of the estimate (their device kind). Their peaks are bench.matmul_peak's at JAX's default precision: float32
+# steps on TF32 tensor cores on NVIDIA and the bf16 MXU on TPUs, bfloat16 steps on the bf16 units of both.
 TARGETS = {"H100": "NVIDIA H100 80GB HBM3", "H200": "NVIDIA H200", "A100": "NVIDIA A100", "TPU v4": "TPU v4",
            "TPU v5e": "TPU v5 lite"}
 
 
 def target_peaks(dtype: str) -> dict[str, float]:
   """Dense peak TFLOP/s of each target for steps computing in `dtype` ('float32' or 'bfloat16')."""
-  unit = "tf32" if dtype == "float32" else "bf16"
-  return {name: PEAK_TFLOPS[kind].get(unit, PEAK_TFLOPS[kind]["bf16"]) for name, kind in TARGETS.items()}
+  return {name: matmul_peak(kind, None, dtype)[0] for name, kind in TARGETS.items()}
 
 
 def accelerator_dtype(config) -> str:
