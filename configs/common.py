@@ -113,6 +113,11 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     b.asset.update(inner_steps=2, epochs=1)
     b.abl.update(isolation_epochs=1, unlearn_epochs=1)
     b.ft.epochs = 2
+    b.anp.iters = 4
+    b.rnp.update(unlearn_epochs=2, recover_epochs=2)
+    b.fp.epochs = 2
+    b.nad.update(teacher_epochs=1, epochs=1)
+    b.ibau.rounds = 1
   return c
 
 

@@ -73,7 +73,8 @@ def experiment(threat: int, attack: str, encoder: str, downstream: str,
     # Crop padding 2: at 4 the shifted crop cuts BadNets' 3×3 corner patch out of many views, and FT-all learnt the
     # backdoor in 1 seed of 5 (docs/dataset-attacks.md).
     c.finetune.augment.update(flip_prob=0.0, padding=2)
-    c.finetune.ft_all.optim.lr = 1e-3  # 330 steps: SGD 0.01 and Adam 1e-4 left FT-all undertrained (docs/dataset-attacks.md)
+    # 330 steps: SGD 0.01 and Adam 1e-4 left FT-all undertrained (docs/dataset-attacks.md)
+    c.finetune.ft_all.optim.lr = 1e-3
     c.finetune.ft_head.train.update(batch_size=64, epochs=20, log_every=20, checkpoint_every=200)
     c.finetune.ft_all.train.update(batch_size=64, epochs=15, log_every=20, checkpoint_every=200)
   return c

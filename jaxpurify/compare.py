@@ -27,7 +27,7 @@ from jaxpurify.pipeline import Run, link_stages
 
 USAGE = ("usage: python -m jaxpurify.compare --config configs/tcore.py[:ARGS] --defenses NAME,NAME,... "
          "[--settings ARGS ARGS ...] [--seeds N|S0,S1,...] [--workdir DIR] [--config.a.b=V ...]")
-DEFENSES = "tcore,ss,ac,scan,spectre,strip,ct,asset,abl"
+DEFENSES = "tcore,ss,ac,scan,spectre,strip,ct,asset,abl,ft,fp,nad,anp,ibau,clp,rnp"
 SETTING_FILES = ("tcore.py", "baseline.py", "threat.py")  # configs whose arguments name a setting
 SHARED_STAGES = ("pretrain", "attack", "poison", "finetune_clean_", "finetune_poisoned_")
 

@@ -32,18 +32,45 @@ def _computes_in_float32(value) -> bool:
   return compute_dtype(value) == "float32"
 
 
-# Keys that configs gained after runs were made, by leaf name: a saved config without one is the same run when
-# the current value does what the code did before the key existed (compute dtype: float32).
-ADDED_KEYS = {"dtype": _computes_in_float32}
+def _unread_by_earlier_runs(value) -> bool:
+  del value
+  return True
+
+
+# Keys that configs gained after runs were made, by leaf name or by a dotted path: a saved config without one is
+# the same run when the current value does what the code did before the key existed (compute dtype: float32), or
+# when only methods added since read it (the model-repair baselines' held-out split).
+ADDED_KEYS = {"dtype": _computes_in_float32, "baseline.held_out_fraction": _unread_by_earlier_runs}
+
+
+def _other_methods_blocks(config: dict) -> tuple[str, ...]:
+  """The 'baseline.<name>.' prefixes of the method blocks a baseline cell does not run: a comparison cell is the
+  same run whatever the other methods' settings (a method added or retuned later leaves the finished cells)."""
+  baseline = config.get("baseline")
+  if not isinstance(baseline, dict):
+    return ()
+  return tuple(f"baseline.{name}." for name, block in baseline.items()
+               if isinstance(block, dict) and name != baseline.get("defense"))
+
+
+def _added_key_rule(key: str):
+  """The ADDED_KEYS rule of a dotted key: its leaf name's, else its longest dotted prefix's, else None."""
+  parts = key.split(".")
+  for name in [parts[-1]] + [".".join(parts[:n]) for n in range(len(parts), 0, -1)]:
+    if name in ADDED_KEYS:
+      return ADDED_KEYS[name]
+  return None
 
 
 def config_differences(previous: dict, current: dict) -> list[str]:
   """The dotted keys whose values differ between two configs (as JSON), except keys the saved one predates that
-  keep its behaviour (ADDED_KEYS)."""
+  keep its behaviour (ADDED_KEYS) and, in a baseline cell, the blocks of the methods it does not run."""
   a, b = _flatten(previous), _flatten(current)
+  unread = _other_methods_blocks(current)
+  a, b = ({k: v for k, v in flat.items() if not k.startswith(unread)} for flat in (a, b))
 
   def predated_and_kept(key: str) -> bool:
-    keeps = ADDED_KEYS.get(key.rpartition(".")[2])
+    keeps = _added_key_rule(key)
     return key not in a and keeps is not None and keeps(b[key])
 
   return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not predated_and_kept(k))

@@ -76,7 +76,7 @@ def _defense_seconds(run, seconds: float) -> float:
 def defend(run, setting: threats.Setting, mesh) -> tuple[dict, dict]:
   """The method config.baseline.defense, per protocol, on the undefended classifier's features and logits ->
   ({'defended/<protocol>': {acc, asr, asr_all}}, {'removed/<protocol>': {removed, tpr, fpr}}, the latter only for
-  a method that removes or isolates samples). Stage
+  a method that removes or isolates samples; 'repair/<protocol>': a training method's other diagnostics). Stage
   `<name>_defended_<protocol>` keeps each protocol's evaluation and removals, so a finished defense is not loaded
   again."""
   config, s = run.config, setting
@@ -89,12 +89,15 @@ def defend(run, setting: threats.Setting, mesh) -> tuple[dict, dict]:
     if record["removed"] is not None:
       diagnostics[f"removed/{protocol}"] = removal_rates(np.asarray(record["removed"], np.int64), s.poison,
                                                          len(s.victim_labels))
+    if record.get("repair"):
+      diagnostics[f"repair/{protocol}"] = record["repair"]
   return rows, diagnostics
 
 
 def _defend_protocol(run, s: threats.Setting, protocol: str, mesh) -> dict:
   """One protocol's defense -> {'evaluation': {acc, asr, asr_all}, 'removed': the removed (a filter) or isolated
-  (ABL) positions in the victim set, None for a method that sets no samples apart (FT)}."""
+  (ABL) positions in the victim set, None for a method that sets no samples apart (FT), and for a training method
+  'repair': the rest of its diagnostics (a pruning method's channels pruned per layer, its chosen level)}."""
   config = run.config
   name = config.baseline.defense
   method, block = baselines.module(name), config.baseline[name]
@@ -108,13 +111,12 @@ def _defend_protocol(run, s: threats.Setting, protocol: str, mesh) -> dict:
     evaluation = finetune.finetune_stage(run, f"{name}_retrain_{protocol}", config, protocol, s.encoder,
                                          s.victim_images[kept], s.victim_labels[kept], s.test, s.trigger, s.target,
                                          mesh)
-  else:
-    graphdef, state, extra = method.train(inputs, block, run)
-    evaluation = finetune.evaluate_classifier(config, graphdef, state, s.test, s.trigger, s.target, mesh)
-    if "isolated" not in extra:
-      return {"evaluation": evaluation, "removed": None}
-    removed = np.asarray(extra["isolated"], np.int64)
-  return {"evaluation": evaluation, "removed": removed.tolist()}
+    return {"evaluation": evaluation, "removed": removed.tolist()}
+  graphdef, state, extra = method.train(inputs, block, run)
+  evaluation = finetune.evaluate_classifier(config, graphdef, state, s.test, s.trigger, s.target, mesh)
+  isolated = extra.pop("isolated", None)
+  return {"evaluation": evaluation, "removed": None if isolated is None else np.asarray(isolated, np.int64).tolist(),
+          "repair": extra}
 
 
 def _suspects(run, stage: str, method, inputs, block) -> np.ndarray:

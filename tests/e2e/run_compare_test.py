@@ -15,7 +15,9 @@ from jaxpurify import compare
 from jaxpurify.defenses import baselines
 from jaxpurify.poisoning import registry
 
-DEFENSES = ["strip", "ft"]  # ABL's phases are unit-tested (tests/unit/defenses/baselines/abl_test.py)
+DEFENSES = ["strip", "ft", "clp"]  # ABL's phases are unit-tested (tests/unit/defenses/baselines/abl_test.py)
+REPAIRS = ["fp", "nad", "anp", "ibau", "rnp"]  # the trained model-repair methods: -m extended
+PRUNERS = {"fp", "anp", "clp", "rnp"}
 
 
 def test_compare_runs_every_defense_on_one_victim_set(clean_run, tmp_path):
@@ -40,6 +42,7 @@ def test_compare_runs_every_defense_on_one_victim_set(clean_run, tmp_path):
       hits = np.isin(removed, poisoned.poison).sum()
       assert row["tpr"] == hits / len(poisoned.poison)
       assert row["fpr"] == (len(removed) - hits) / (len(poisoned.labels) - len(poisoned.poison))
+    _assert_pruning_reported(cell, defense)
     if defense == "ft":  # the undefended model, fine-tuned on the reserve alone
       with open(os.path.join(cell, "ft_repair_ft_head", "done.json"), encoding="utf-8") as f:
         assert json.load(f)["examples"] == row["clean_used"]
@@ -49,6 +52,15 @@ def test_compare_runs_every_defense_on_one_victim_set(clean_run, tmp_path):
   assert cli_main(*args, main=compare.main)[0] == 0  # resumed: every stage done, nothing trained again
   assert {path: os.path.getmtime(path) for path in _done_files(workdir)} == stamps
   assert json.load(open(os.path.join(workdir, "compare.json"), encoding="utf-8")) == rows
+
+
+def _assert_pruning_reported(cell: str, defense: str) -> None:
+  """A pruning method's results name the channels it pruned per layer, as its defended stage recorded them."""
+  if defense not in PRUNERS:
+    return
+  with open(os.path.join(cell, "results.json"), encoding="utf-8") as f:
+    repair = json.load(f)["diagnostics"]["repair/ft_head"]
+  assert all(isinstance(n, int) and n >= 0 for n in repair["pruned"].values()), (defense, repair)
 
 
 def _done_files(workdir: str) -> list[str]:
@@ -67,3 +79,17 @@ def test_compare_runs_abl_and_reports_its_isolated_set(clean_run, tmp_path):
   cell = os.path.join(workdir, "threat2-badnets-ft_head", "abl")
   for phase in ("isolate", "finetune", "unlearn"):
     assert os.path.exists(os.path.join(cell, f"abl_{phase}_ft_head", "done.json")), phase
+
+
+@pytest.mark.extended  # the trained model-repair methods through the harness, one cell each
+def test_compare_runs_the_model_repair_methods(clean_run, tmp_path):
+  workdir = str(tmp_path / "compare_repair")
+  status, lines, _ = cli_main("--config", "configs/tcore.py:threat=2,attack=badnets,protocol=ft_head,tiny",
+                              "--defenses", ",".join(REPAIRS), "--workdir", workdir,
+                              f"--config.clean_encoder={clean_run[0]}", main=compare.main)
+  assert status == 0, lines
+  rows = json.load(open(os.path.join(workdir, "compare.json"), encoding="utf-8"))
+  assert [r["defense"] for r in rows] == ["clean model", "none"] + REPAIRS
+  for defense, row in zip(REPAIRS, rows[2:]):
+    assert row["clean_used"] > 0 and "tpr" not in row, defense
+    _assert_pruning_reported(os.path.join(workdir, "threat2-badnets-ft_head", defense), defense)

@@ -39,7 +39,8 @@ def test_distillation_defense_end_to_end(clean_run, badencoder_run, tmp_path):
   with open(os.path.join(workdir, "distill.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
-  # `ablate --seeds 100, --grid none` (a list of one seed): the finished run as seed 100 resumes to its own rows, no grid cells.
+  # `ablate --seeds 100, --grid none` (a list of one seed): the finished run as seed 100 resumes to its own rows,
+  # no grid cells.
   seeds_dir = str(tmp_path / "seeds")
   shutil.copytree(workdir, os.path.join(seeds_dir, "seed100"))  # the linked stages copied as folders
   status, lines, _ = cli_main("--config", "configs/distill.py:tiny", "--seeds", "100,", "--grid", "none",

@@ -13,6 +13,7 @@ from absl.testing import absltest
 
 from configs import common, simclr
 from helpers import ROOT
+from helpers import config as load_config
 from jaxpurify import cli
 from jaxpurify.errors import UserError
 from jaxpurify.pipeline import Run, results_table
@@ -158,6 +159,34 @@ class WorkdirTest(absltest.TestCase):
       Run(same, workdir)  # resumes, and config.json now names the dtype
       with open(path) as f:
         self.assertEqual(json.load(f)["model"]["dtype"], dtype)
+
+  def test_a_baseline_cell_is_the_same_run_whatever_the_other_methods_blocks(self):
+    """A comparison cell is its own defense's run: a cell written before config.baseline gained methods (their
+    blocks and held_out_fraction) or before another method was retuned resumes; a change to its own block or to the
+    setting is refused."""
+    workdir = self.tempdir()
+    config = load_config("baseline:defense=ss,threat=2,attack=badnets,tiny")
+    Run(config, workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+      saved = json.load(f)
+    for key in ("ft", "fp", "rnp", "held_out_fraction"):
+      del saved["baseline"][key]
+    saved["baseline"]["anp"]["mask_lr"] = 0.2
+
+    def claim(change=None):
+      with open(path, "w") as f:
+        json.dump(saved, f)
+      other = load_config("baseline:defense=ss,threat=2,attack=badnets,tiny")
+      if change:
+        change(other.baseline)
+      Run(other, workdir)
+
+    claim()  # resumes
+    with self.assertRaisesRegex(UserError, r"differs in baseline.ss.remove_fraction\)"):
+      claim(lambda b: b.ss.update(remove_fraction=0.2))
+    with self.assertRaisesRegex(UserError, r"differs in baseline.clean_fraction\)"):
+      claim(lambda b: b.update(clean_fraction=0.1))
 
   def test_non_run_directory_is_refused(self):
     workdir = self.tempdir()

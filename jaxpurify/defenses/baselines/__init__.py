@@ -9,7 +9,8 @@ A method module `jaxpurify/defenses/baselines/<name>.py` holds
               run, before any work (the counts: int [C] images per class of the victim set and of the reserve);
 and, for a filter,   suspects(inputs, block, run) -> sorted int64 indices into the victim set to remove;
 for a training one,  train(inputs, block, run) -> (graphdef, state, diagnostics) of its final classifier
-                     (diagnostics 'isolated': the positions it set apart, reported as removed; FT sets none).
+                     (diagnostics 'isolated': the positions it set apart, reported as removed; the others, JSON
+                     values such as a pruning method's channels pruned per layer, as 'repair/<protocol>').
 `block` is config.baseline.<name>. Trained parts are stages of the run named '<name>_<part>_<protocol>'.
 """
 
@@ -19,7 +20,8 @@ from types import ModuleType
 
 from jaxpurify.errors import UserError
 
-HELPERS = ("inputs",)  # modules of this package that are not methods (private ones start with "_")
+HELPERS = ("inputs",)  # modules of this package that are not methods (private ones start with "_": _repair holds
+# what the model-repair methods share)
 
 
 def names() -> list[str]:

@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 from helpers import config as load_config
 
-from jaxpurify.defenses.baselines import ft
+from jaxpurify.defenses.baselines import _repair, ft
 from jaxpurify.errors import UserError
 
 
 def test_batch_is_the_reserve_at_most_and_splits_over_the_devices():
-  assert ft.batch_size(reserve=70, wanted=256, devices=1) == 70  # quick: the whole reserve in one batch
-  assert ft.batch_size(reserve=70, wanted=256, devices=8) == 64
-  assert ft.batch_size(reserve=2500, wanted=256, devices=8) == 256  # full size: BackdoorBench's batch
-  assert ft.batch_size(reserve=7, wanted=256, devices=8) == 0
+  assert _repair.batch_size(examples=70, wanted=256, devices=1) == 70  # quick: the whole reserve in one batch
+  assert _repair.batch_size(examples=70, wanted=256, devices=8) == 64
+  assert _repair.batch_size(examples=2500, wanted=256, devices=8) == 256  # full size: BackdoorBench's batch
+  assert _repair.batch_size(examples=7, wanted=256, devices=8) == 0
 
 
 def test_a_reserve_smaller_than_one_batch_over_the_devices_is_one_line():
