@@ -129,8 +129,7 @@ def train(inputs: Inputs, block, run):
   if protocol == "ft_head":  # the AT terms cannot reach the head: plain CE on the head
     state = _repair.finetune_on_reserve(inputs, block, run, "nad_student_ft_head", undefended)
     return graphdef, state, {"distilled_taps": []}
-  start = jax.tree.map(jnp.copy, undefended)  # the teacher's stage donates the undefended arrays
   teacher_block = ml_collections.ConfigDict({**block.to_dict(), "epochs": block.teacher_epochs})
   teacher = _repair.finetune_on_reserve(inputs, teacher_block, run, f"nad_teacher_{protocol}", undefended)
-  state = student_phase(inputs, block, run, start, teacher)
+  state = student_phase(inputs, block, run, undefended, teacher)
   return graphdef, state, {"distilled_taps": list(block.taps)}
