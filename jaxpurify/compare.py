@@ -16,6 +16,7 @@ number is mean ± std.
 """
 
 import json
+import math
 import os
 import sys
 
@@ -161,8 +162,9 @@ COLUMNS = (("acc", "acc", True), ("asr", "asr", True), ("asr_all", "asr_all", Tr
 
 
 def _cell(value, percent: bool) -> str:
-  """A number, or {mean, std, n} pooled over seeds, as text (fractions in %)."""
-  if value is None:
+  """A number, or {mean, std, n} pooled over seeds, as text (fractions in %); '–' for none and for NaN (a removal
+  TPR where the set holds no poison: threat 1)."""
+  if value is None or (isinstance(value, float) and math.isnan(value)):
     return "–"
   scale = 100 if percent else 1
   digits = 2 if percent else 0

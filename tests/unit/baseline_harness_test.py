@@ -68,6 +68,8 @@ def test_table_shows_fractions_in_percent_and_pooled_spread():
            "clean_used": 0, "seconds": 12.3}]
   text = compare.table(rows)
   assert "| ss | 50.00 | 10.00 ± 2.00 | – | – | – | – | 0 | 12 |" in text
+  no_poison = [{"setting": "x", "protocol": "ft_all", "defense": "ss", "tpr": float("nan"), "fpr": 0.1}]
+  assert "| ss | – | – | – | – | – | 10.00 | – | – |" in compare.table(no_poison)  # threat 1: nothing to find
 
 
 @pytest.mark.parametrize("args, message", [
