@@ -43,15 +43,9 @@ SLACK = 1e-9  # accuracies are ratios k / n: the budget's edge must not hinge on
 
 
 def check(block, config, victim_counts: np.ndarray, reserve_counts: np.ndarray) -> None:
-  """UserError for prune_step outside (0, 1], max_acc_drop outside [0, 1), a reserve without a held-out split
-  (no class with 2 images) or one smaller than a batch over the devices."""
+  """UserError for a reserve without a held-out split (no class with 2 images) or one smaller than a batch over the
+  devices (prune_step's and max_acc_drop's ranges: `validation`'s rules)."""
   del config, victim_counts
-  if not 0 < block.prune_step <= 1:
-    raise UserError(f"config.baseline.fp.prune_step is {block.prune_step}; set it in (0, 1] (the share of the "
-                    "feature channels pruned per step)")
-  if not 0 <= block.max_acc_drop < 1:
-    raise UserError(f"config.baseline.fp.max_acc_drop is {block.max_acc_drop}; set it in [0, 1) (the relative "
-                    "held-out accuracy drop pruning may cost)")
   reserve, devices = int(reserve_counts.sum()), jax.device_count()
   if not (reserve_counts >= 2).any():
     raise UserError("FP chooses its pruning on a held-out part of the reserved clean set, which has no class with "

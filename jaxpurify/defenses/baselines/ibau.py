@@ -43,14 +43,9 @@ CLEAN_DATA = True
 
 
 def check(block, config, victim_counts: np.ndarray, reserve_counts: np.ndarray) -> None:
-  """UserError when the perturbed share is not in (0, 1], there are no rounds, or the reserve cannot fill one batch
-  over the devices."""
+  """UserError when the reserve cannot fill one batch over the devices (perturbed_fraction's, rounds' and
+  fixed_point_iters' ranges: `validation`'s rules)."""
   del config, victim_counts
-  if not 0 < block.perturbed_fraction <= 1:
-    raise UserError(f"config.baseline.ibau.perturbed_fraction must be in (0, 1], got {block.perturbed_fraction}")
-  if block.rounds < 1 or block.fixed_point_iters < 0:
-    raise UserError(f"config.baseline.ibau needs rounds >= 1 and fixed_point_iters >= 0, got {block.rounds} and "
-                    f"{block.fixed_point_iters}")
   reserve, devices = int(reserve_counts.sum()), jax.device_count()
   if _repair.batch_size(reserve, block.batch_size, devices) == 0:
     raise UserError(f"I-BAU unlearns on the reserved clean set, which holds {reserve} images, fewer than one batch "

@@ -61,17 +61,8 @@ def _positions(labels: np.ndarray, config, block) -> np.ndarray:
 
 
 def check(block, config, victim_counts: np.ndarray, reserve_counts: np.ndarray) -> None:
-  """UserError on settings the config's range rules do not cover, or a subset smaller than one batch."""
+  """UserError when RNP's subset is smaller than one batch (the ranges: `validation`'s rules)."""
   del victim_counts
-  if not 0 < block.fraction <= 1:
-    raise UserError(f"config.baseline.rnp.fraction must be in (0, 1], got {block.fraction!r}; fix "
-                    "--config.baseline.rnp.fraction")
-  for key in ("recover_lr", "threshold_step"):
-    if not block[key] > 0:
-      raise UserError(f"config.baseline.rnp.{key} must be above 0, got {block[key]!r}; fix --config.baseline.rnp.{key}")
-  if not 0 <= block.max_acc_drop < 1:
-    raise UserError(f"config.baseline.rnp.max_acc_drop must be in [0, 1), got {block.max_acc_drop!r}; fix "
-                    "--config.baseline.rnp.max_acc_drop")
   count, devices = len(_positions(np.repeat(np.arange(len(reserve_counts)), reserve_counts), config, block)), \
       jax.device_count()
   if _repair.batch_size(count, block.batch_size, devices) == 0:

@@ -11,7 +11,7 @@ from flax import nnx
 
 from helpers import assert_trees_close
 from helpers import config as load_config
-from jaxpurify import finetune, parallel
+from jaxpurify import finetune, parallel, validation
 from jaxpurify.defenses.baselines import _repair, fp
 from jaxpurify.defenses.baselines.inputs import Inputs
 from jaxpurify.defenses.tcore import channels
@@ -155,17 +155,17 @@ def test_train_on_eight_devices_equals_one_device(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("prune_step", 0.0, "prune_step is 0.0; set it in \\(0, 1\\]"),
-    ("prune_step", 1.5, "prune_step is 1.5; set it in \\(0, 1\\]"),
-    ("max_acc_drop", 1.0, "max_acc_drop is 1.0; set it in \\[0, 1\\)"),
-    ("max_acc_drop", -0.1, "max_acc_drop is -0.1; set it in \\[0, 1\\)")])
+    ("prune_step", 0.0, "prune_step must be in \\(0, 1\\], got 0.0"),
+    ("prune_step", 1.5, "prune_step must be in \\(0, 1\\], got 1.5"),
+    ("max_acc_drop", 1.0, "max_acc_drop must be in \\[0, 1\\), got 1.0"),
+    ("max_acc_drop", -0.1, "max_acc_drop must be in \\[0, 1\\), got -0.1")])
 def test_bad_settings_fail_in_one_line(field, value, message):
   config = load_config("baseline:defense=fp,threat=2,attack=badnets,tiny")
   block = config.baseline.fp
   fp.check(block, config, np.full(8, 16), np.full(8, 2))
   block[field] = value
   with pytest.raises(UserError, match=message) as err:
-    fp.check(block, config, np.full(8, 16), np.full(8, 2))
+    validation.check_ranges(config)
   assert "\n" not in str(err.value)
 
 

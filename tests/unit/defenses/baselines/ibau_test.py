@@ -12,7 +12,7 @@ import pytest
 
 from helpers import assert_trees_close
 from helpers import config as load_config
-from jaxpurify import finetune, parallel
+from jaxpurify import finetune, parallel, validation
 from jaxpurify.defenses.baselines import ibau
 from jaxpurify.encoders import build_backbone
 from jaxpurify.errors import UserError
@@ -122,13 +122,13 @@ def _head_update(params, start):
   return jax.tree.map(np.subtract, params["head"], start.params["head"])
 
 
-def test_a_perturbed_share_outside_the_unit_interval_fails_in_one_line():
+def test_a_perturbed_share_outside_the_unit_interval_or_a_small_reserve_fails_in_one_line():
   config = load_config("baseline:defense=ibau,threat=2,attack=badnets,tiny")
   block = config.baseline.ibau
   ibau.check(block, config, np.full(8, 100), np.full(8, 10))
   block.perturbed_fraction = 0.0
   with pytest.raises(UserError, match=r"perturbed_fraction must be in \(0, 1\], got 0.0") as err:
-    ibau.check(block, config, np.full(8, 100), np.full(8, 10))
+    validation.check_ranges(config)
   assert "\n" not in str(err.value)
   block.perturbed_fraction = 0.01
   with pytest.raises(UserError, match="holds 4 images, fewer than one batch over the 8 devices"):
