@@ -17,16 +17,26 @@ import math
 import ml_collections
 
 from configs import common
+from configs import distill as distill_config
 from configs import tcore as tcore_config
 
 
 def get_config(arg=None):
-  return common.build(arg, experiment, defense="ss", threat=2, attack="badnets", encoder="badencoder",
+  return common.build(arg, experiment, defense="ss", threat=0, attack="badnets", encoder="badencoder",
                       downstream="stl10", protocol="ft_all")
 
 
 def experiment(defense: str, threat: int, attack: str, encoder: str, downstream: str, protocol: str,
                quick: bool) -> ml_collections.ConfigDict:
+  """`defense` on the encoder setting (threat 0 with an encoder attack: `encoder_setting`) or against one threat
+  (threat 0 with a dataset attack is threat 2)."""
+  if threat == 0 and attack in distill_config.ATTACKS:
+    return encoder_setting(defense, attack, downstream, quick)
+  return threat_setting(defense, threat or 2, attack, encoder, downstream, protocol, quick)
+
+
+def threat_setting(defense: str, threat: int, attack: str, encoder: str, downstream: str, protocol: str,
+                   quick: bool) -> ml_collections.ConfigDict:
   """Baseline `defense` against one threat (the threat's setting and undefended rows, fine-tuned with `protocol`).
 
   The defender holds out `baseline.clean_fraction` of the downstream training set (per class, drawn with the seed)
@@ -99,4 +109,48 @@ def experiment(defense: str, threat: int, attack: str, encoder: str, downstream:
     # RNP's 10-image subset is one batch, an epoch one mask step: after the default 20 the recovery's accuracy on it
     # was still at chance (threat-2 BadNets, seed 0); it is back (0.9-1.0) from about 300 steps
     b.rnp.recover_epochs = 500
+  return c
+
+
+ENCODER_DEFENSES = ("distill", "nad", "mimic", "ssl_cleanse", "decree", "clp")
+
+
+def encoder_setting(defense: str, attack: str, downstream: str, quick: bool) -> ml_collections.ConfigDict:
+  """An encoder-side `defense` on the distillation defense's setting (configs/distill.py's stages, its defender
+  subset and evaluation): the clean and the `attack`-poisoned encoder, then the defense's detection (on both) or
+  cleaned encoder. defense = distill (the distillation defense itself) | nad (its poisoned-copy student: NAD on the
+  encoder) | mimic | ssl_cleanse | decree (detection only) | clp (data-free pruning of the encoder's channels).
+
+  Defaults (sources in docs/baselines.md): DECREE GiantSeaweed/DECREE main.py; SSL-Cleanse its README and cfg; MIMIC
+  wssun/MIMIC (MI-weighted AT, random student, the poisoned encoder as teacher, clone weight 1); CLP BackdoorBench's
+  u 3. Every method that reads data reads the same defender subset (config.defense.clean_fraction).
+  """
+  if defense not in ENCODER_DEFENSES:
+    raise ValueError(f"defense {defense!r} runs against threats 1-3 (threat=1|2|3); on the encoder setting "
+                     f"(attack={attack}) use one of {', '.join(ENCODER_DEFENSES)}")
+  c = distill_config.experiment(attack, downstream, "finetuned", "warmup", "at", quick)
+  c.experiment = "encoder_defense"
+  c.baseline = ml_collections.ConfigDict(dict(
+      defense=defense,
+      decree=dict(shadow_images=1000, batch_size=256, epochs=1000, lrs=(0.5, 0.1, 0.05), lr_epochs=(30, 50),
+                  similarity_threshold=0.99, init_lambda=1e-3, lambda_factor=5.0, patience=5, lambda_min=1e-5,
+                  stop_patience=10, threshold=0.1),
+      ssl_cleanse=dict(num_clusters=0, min_clusters=2, max_clusters=30, window=10, kmeans_restarts=30, trigger_lr=0.1,
+                       trigger_batch_size=32, trigger_epochs=1000, lam=0.1, attack_succ_threshold=0.99,
+                       knn_sample_num=1000, patience=5, lam_multiplier=1.5, anomaly_threshold=2.0,
+                       optim=common.optim("adam", 3e-3, 1e-6), train=common.train(1536, 500, 10, 100),
+                       warmup_steps=500, drop_epochs=(50, 25), drop_factor=0.2, alpha_1=1.0, alpha_4=1.0,
+                       head=dict(hidden=1024, dim=64), predictor_hidden=1024,
+                       augment=common.augment((0.2, 1.0)).to_dict() | dict(gray_prob=0.1)),
+      mimic=dict(epochs=1000, lr=1e-2, clone_weight=1.0, base_weight=1000.0, momentum_weight=10000.0,
+                 mi_epochs=200, mi_lr=1e-3, mi_weight_decay=1e-5, mi_hidden=512, mi_batch_size=128,
+                 mi_last_epochs=10),
+      clp=dict(u=3.0, std_ddof=1, bn_eps=0.0)))
+  if quick:
+    b = c.baseline
+    b.mimic.update(epochs=60, mi_epochs=20, mi_batch_size=64, mi_last_epochs=5)
+    b.ssl_cleanse.update(max_clusters=10, window=5, kmeans_restarts=10, trigger_epochs=12, patience=2,
+                         knn_sample_num=128, train=dict(batch_size=64, epochs=12, log_every=8, checkpoint_every=24),
+                         warmup_steps=5, drop_epochs=(2, 1))  # ~30 s per detection, ~50 s of mitigation on CPU
+    b.decree.update(epochs=60)  # the quick encoders stop early by epoch 30-46 (BadEncoder seed 0); ~25 s each on CPU
   return c

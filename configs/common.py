@@ -106,7 +106,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     e.update(ratios=e.ratios[:1], lambdas=e.lambdas[:1], lrs=e.lrs[:1], iters=(4,), pretrain_epochs=(1,))
     c.tcore.boot.update(schedule=(0.6,), steps_per_stage=2)
     c.tcore.filter.u_grid = (3.0,)
-  if "baseline" in c:
+  if "baseline" in c and "strip" in c.baseline:  # the threat harness's methods
     b = c.baseline
     b.strip.blends = 4
     b.ct.update(ratios=b.ct.ratios[:1], lambdas=b.ct.lambdas[:1], lrs=b.ct.lrs[:1], iters=(4,), pretrain_epochs=(1,))
@@ -118,6 +118,13 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     b.fp.epochs = 2
     b.nad.update(teacher_epochs=1, epochs=1)
     b.ibau.rounds = 1
+  if "baseline" in c and "mimic" in c.baseline:  # the encoder-side methods
+    c.baseline.mimic.update(epochs=2, mi_epochs=2, mi_batch_size=32, mi_last_epochs=1)
+  if "baseline" in c and "decree" in c.baseline:
+    c.baseline.decree.epochs = 2
+  if "baseline" in c and "ssl_cleanse" in c.baseline:
+    c.baseline.ssl_cleanse.update(num_clusters=2, kmeans_restarts=1, trigger_epochs=1, knn_sample_num=16,
+                                  head=dict(hidden=16, dim=8), predictor_hidden=16, train=dict(epochs=1, log_every=2))
   return c
 
 

@@ -16,6 +16,8 @@ import ml_collections
 
 from configs import badencoder, common
 
+ATTACKS = ("badencoder", "drupe")  # the encoder attacks the distillation defense is judged on
+
 
 def get_config(arg=None):
   return common.build(arg, experiment, attack="badencoder", downstream="stl10", teacher="finetuned",

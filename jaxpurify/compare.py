@@ -4,15 +4,19 @@
       --defenses tcore,ss,ac,scan,spectre,strip,ct,asset,abl [--workdir DIR] [--config.a.b=V ...]
   python -m jaxpurify.compare --config configs/tcore.py:quick --defenses tcore,ss \\
       --settings threat=2,attack=badnets threat=3,attack=blended,encoder=badencoder [--seeds 3]
+  python -m jaxpurify.compare --config configs/distill.py:quick \\
+      --defenses distill,mimic,ssl_cleanse,clp,nad,decree [--settings attack=badencoder attack=drupe]
 
 Each defense of each setting is a resumable run of `configs/baseline.py` (the arguments of --config, each
 setting's keys over them, defense=NAME) in WORKDIR/[seed<N>/]<setting>/<defense>/; the setting's stages (clean
 encoder, encoder attack, poisoned set, undefended fine-tuning) are made by the first defense and linked into the
 others (also into a defense added to the command later). Writes WORKDIR/compare.md and WORKDIR/compare.json: per
 setting and protocol, defense | acc | asr | asr_all | DER | removed TPR / FPR | clean images used | defense time,
-after the clean and the undefended models, then the mean over the settings. DER is BackdoorBench's defense
-effectiveness rating ((max(0, ΔASR) − max(0, ΔACC)) + 1) / 2 against the undefended model. With --seeds every
-number is mean ± std.
+after the clean and the undefended models, then the mean over the settings. On the encoder setting
+(configs/distill.py: the encoder-side defenses, `jaxpurify.defenses.encoder`) a table is per setting and
+downstream set, and a detector's columns are its score and verdict on the clean and on the poisoned encoder.
+DER is BackdoorBench's defense effectiveness rating ((max(0, ΔASR) − max(0, ΔACC)) + 1) / 2 against the
+undefended model. With --seeds every number is mean ± std.
 """
 
 import json
@@ -29,8 +33,11 @@ from jaxpurify.pipeline import Run, link_stages
 USAGE = ("usage: python -m jaxpurify.compare --config configs/tcore.py[:ARGS] --defenses NAME,NAME,... "
          "[--settings ARGS ARGS ...] [--seeds N|S0,S1,...] [--workdir DIR] [--config.a.b=V ...]")
 DEFENSES = "tcore,ss,ac,scan,spectre,strip,ct,asset,abl,ft,fp,nad,anp,ibau,clp,rnp"
-SETTING_FILES = ("tcore.py", "baseline.py", "threat.py")  # configs whose arguments name a setting
-SHARED_STAGES = ("pretrain", "attack", "poison", "finetune_clean_", "finetune_poisoned_")
+ENCODER_DEFENSES = "distill,nad,mimic,ssl_cleanse,decree,clp"
+SETTING_FILES = ("tcore.py", "baseline.py", "threat.py", "distill.py")  # configs whose arguments name a setting
+ENCODER_KEYS = ("attack", "downstream")  # what names an encoder setting (configs/distill.py's other arguments
+# choose the distillation defense's own recipe, which the `distill` row takes from --config.defense.*)
+SHARED_STAGES = ("pretrain", "attack", "poison", "finetune_clean_", "finetune_poisoned_", "evaluate_setting")
 
 
 def _settings_flag(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -82,10 +89,29 @@ def slug(setting: str) -> str:
                   for key, _, value in (item.partition("=") for item in setting.split(",") if item))
 
 
+def encoder_arg(arg: str | None) -> str:
+  """configs/distill.py's argument as the encoder setting's ('quick' -> 'attack=badencoder,quick'); UserError for
+  the distillation recipe's own arguments (teacher, student, loss), which are not a setting."""
+  items = _items("attack=badencoder", arg)
+  if unknown := [k for k in items if k not in ENCODER_KEYS + SIZE_WORDS]:
+    raise UserError(f"compare's encoder setting takes {', '.join(ENCODER_KEYS)} and a size word from "
+                    f"configs/distill.py's argument, not {unknown[0]!r}; set the distillation recipe with "
+                    "--config.defense.* (e.g. --config.defense.loss.name=sp)")
+  return ",".join(items.values())
+
+
+def default_defenses(config_path: str) -> str:
+  """The methods a comparison runs when --defenses is not given: the encoder-side ones on configs/distill.py, else
+  T-Core and the threat harness's baselines."""
+  return ENCODER_DEFENSES if os.path.basename(config_path) == "distill.py" else DEFENSES
+
+
 def cells(config_path: str, arg: str | None, overrides: list[str], defenses: list[str], settings: list[str]) -> dict:
   """{(setting name, defense): locked config} of configs/baseline.py beside `config_path`."""
   if os.path.basename(config_path) not in SETTING_FILES:
     raise UserError(f"compare takes the setting from configs/{', configs/'.join(SETTING_FILES)}; got {config_path}")
+  if os.path.basename(config_path) == "distill.py":
+    arg = encoder_arg(arg)
   baseline_path = os.path.join(os.path.dirname(config_path), "baseline.py")
   return {(setting_name(arg, setting), defense): cli.load_config(baseline_path, merged_arg(arg, setting, defense),
                                                                 overrides)
@@ -107,19 +133,36 @@ def run_cells(configs: dict, workdir: str) -> list[dict]:
     evaluations = experiments.run(config, cell_dir)
     with open(os.path.join(cell_dir, "results.json"), encoding="utf-8") as f:
       diagnostics = json.load(f)["diagnostics"]
-    for protocol in config.finetune.protocols:
+    for protocol in row_groups(config):
       label = {"setting": setting, "protocol": protocol}
       poisoned = evaluations[f"poisoned/{protocol}"]
-      if (setting, protocol) not in reported:
+      if (setting, protocol) not in reported and f"clean/{protocol}" in evaluations:
         reported.add((setting, protocol))
         rows += [{**label, "defense": "clean model", **evaluations[f"clean/{protocol}"]},
                  {**label, "defense": "none", **poisoned}]
-      defended = evaluations[f"defended/{protocol}"]
+      defended = evaluations.get(f"defended/{protocol}")
       removed = diagnostics.get(f"removed/{protocol}", {})
-      rows.append({**label, "defense": defense, **defended, "der": der(poisoned, defended),
-                   **{k: removed[k] for k in ("tpr", "fpr") if k in removed},
+      rows.append({**label, "defense": defense, **(defended or {}),
+                   **({"der": der(poisoned, defended)} if defended else {}),
+                   **{k: removed[k] for k in ("tpr", "fpr") if k in removed}, **detections(diagnostics),
                    "clean_used": diagnostics["clean_used"], "seconds": diagnostics["defense_seconds"]})
   return rows
+
+
+def row_groups(config) -> tuple[str, ...]:
+  """What a setting's table is per: the fine-tuning protocols in the threat harness, the evaluated downstream set on
+  the encoder setting."""
+  return (config.attack.downstream,) if config.experiment == "encoder_defense" else tuple(config.finetune.protocols)
+
+
+def detections(diagnostics: dict) -> dict:
+  """A detector's verdicts {'score_clean', 'flagged_clean', 'score_poisoned', 'flagged_poisoned'} (flags as 0/1, so
+  that seeds pool into the fraction flagged); {} for a method that detects nothing."""
+  out = {}
+  for encoder in ("clean", "poisoned"):
+    if (verdict := diagnostics.get(f"detect/{encoder}")) is not None:
+      out |= {f"score_{encoder}": verdict["score"], f"flagged_{encoder}": float(verdict["flagged"])}
+  return out
 
 
 def finished_cell(setting_dir: str, cell_dir: str) -> str | None:
@@ -156,22 +199,28 @@ def mean_rows(rows: list[dict]) -> list[dict]:
   return out
 
 
-COLUMNS = (("acc", "acc", True), ("asr", "asr", True), ("asr_all", "asr_all", True), ("der", "DER", True),
-           ("tpr", "removed TPR", True), ("fpr", "removed FPR", True), ("clean_used", "clean images used", False),
-           ("seconds", "defense time (s)", False))
+COLUMNS = (("acc", "acc", "pct"), ("asr", "asr", "pct"), ("asr_all", "asr_all", "pct"), ("der", "DER", "pct"),
+           ("tpr", "removed TPR", "pct"), ("fpr", "removed FPR", "pct"),
+           ("score_clean", "score (clean)", "score"), ("flagged_clean", "flags clean", "flag"),
+           ("score_poisoned", "score (poisoned)", "score"), ("flagged_poisoned", "flags poisoned", "flag"),
+           ("clean_used", "clean images used", "count"), ("seconds", "defense time (s)", "count"))
+ALWAYS = ("acc", "asr", "asr_all", "der", "clean_used", "seconds")  # other columns appear where a row has them
 
 
-def _cell(value, percent: bool) -> str:
-  """A number, or {mean, std, n} pooled over seeds, as text (fractions in %); '–' for none and for NaN (a removal
+def _cell(value, kind: str) -> str:
+  """A number, or {mean, std, n} pooled over seeds, as text: 'pct' a fraction in %, 'count' a whole number, 'score'
+  4 significant digits, 'flag' yes/no (a mean: the fraction flagged); '–' for none and for NaN (a removal
   TPR where the set holds no poison: threat 1)."""
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return "–"
-  scale = 100 if percent else 1
-  digits = 2 if percent else 0
-  if isinstance(value, dict):
-    text = f"{scale * value['mean']:.{digits}f}"
-    return text + (f" ± {scale * value['std']:.{digits}f}" if value["n"] > 1 else "")
-  return f"{scale * value:.{digits}f}"
+  pooled = isinstance(value, dict)
+  if kind == "flag":  # 1 or 0 on one run; a mean over seeds or settings is the fraction flagged
+    share = value["mean"] if pooled else value
+    return {1.0: "yes", 0.0: "no"}.get(share, f"{share:.2f}")
+  fmt = {"pct": lambda v: f"{100 * v:.2f}", "count": lambda v: f"{v:.0f}", "score": lambda v: f"{v:.4g}"}[kind]
+  if pooled:
+    return fmt(value["mean"]) + (f" ± {fmt(value['std'])}" if value["n"] > 1 else "")
+  return fmt(value)
 
 
 def table(rows: list[dict]) -> str:
@@ -180,9 +229,10 @@ def table(rows: list[dict]) -> str:
   for row in rows:
     groups.setdefault((row["setting"], row["protocol"]), []).append(row)
   for (setting, protocol), members in groups.items():
-    out += [f"### {setting} ({protocol})", "", "| defense | " + " | ".join(c[1] for c in COLUMNS) + " |",
-            "|---" * (len(COLUMNS) + 1) + "|"]
-    out += ["| " + row["defense"] + " | " + " | ".join(_cell(row.get(key), pct) for key, _, pct in COLUMNS) + " |"
+    columns = [c for c in COLUMNS if c[0] in ALWAYS or any(c[0] in row for row in members)]
+    out += [f"### {setting} ({protocol})", "", "| defense | " + " | ".join(c[1] for c in columns) + " |",
+            "|---" * (len(columns) + 1) + "|"]
+    out += ["| " + row["defense"] + " | " + " | ".join(_cell(row.get(key), kind) for key, _, kind in columns) + " |"
             for row in members]
     out.append("")
   return "\n".join(out)
@@ -195,10 +245,11 @@ def main(argv: list[str]) -> int:
 
   def body():
     rest, settings = _settings_flag(argv)
-    parsed = cli.parse_argv(rest, USAGE, {"defenses": (DEFENSES, str), "seeds": (None, seeds.parse)})
-    defenses = [d for d in parsed.extra["defenses"].split(",") if d]
+    parsed = cli.parse_argv(rest, USAGE, {"defenses": (None, str), "seeds": (None, seeds.parse)})
+    given = parsed.extra["defenses"] or default_defenses(parsed.config)
+    defenses = [d for d in given.split(",") if d]
     if not defenses or len(set(defenses)) != len(defenses):
-      raise UserError(f"--defenses {parsed.extra['defenses']!r}: give distinct names, e.g. --defenses {DEFENSES}")
+      raise UserError(f"--defenses {given!r}: give distinct names, e.g. --defenses {default_defenses(parsed.config)}")
     configs = cells(parsed.config, parsed.arg, parsed.overrides, defenses, settings or [""])
     where["workdir"] = workdir = parsed.workdir or os.path.join(
         "runs", "compare" + ("-" + parsed.arg if parsed.arg else ""))

@@ -19,7 +19,7 @@ _RULES = [
      lambda v: _int(v) and v >= 0, "an integer of at least 0"),
     (r".*epochs|.*batch_size|log_every|checkpoint_every|keep_checkpoints|steps_per_stage|seeds_per_class|"
      r"num_references|chunk_rows|steps|iters|secret_length|num_projections|k|pieces|queue_size|patch_size|size|window|"
-     r"dims|max_dims|blends|inner_steps|em_iters|mlp_hidden|batch_factor|min_marked|pgd_steps|rounds",
+     r"dims|max_dims|blends|inner_steps|em_iters|mlp_hidden|mi_hidden|batch_factor|min_marked|pgd_steps|rounds",
      lambda v: _int(v) and v >= 1, "an integer of at least 1"),
     (r".*_fraction|fraction|prune_step|rate|poison_ratio|pratio|cover_ratio|ratios|per_class_cap|conf_threshold|"
      r"schedule",
@@ -28,11 +28,12 @@ _RULES = [
     (r".*_prob|dropout|acc_tol|l2_start_accuracy|mask_density|alpha|test_alpha|amplitude|test_amplitude",
      lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]"),
     (r"momentum|ema|max_acc_drop", lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
-    (r"lr|.*_lr|lrs|threshold_step|power|temperature|t|eps|epsilon|step_size|u|u_grid|magnitude|frequency|s|que_alpha|.*threshold|"
-     r"outlyingness|flooding|threshold_eps",
+    (r"lr|.*_lr|lrs|threshold_step|power|temperature|t|eps|epsilon|step_size|u|u_grid|magnitude|frequency|s|"
+     r"que_alpha|.*threshold|outlyingness|flooding|threshold_eps",
      lambda v: _real(v) and v > 0, "a number above 0"),
-    (r"weight_decay|lambda1|lambda2|lambda_div|lambda_norm|clone_weight|cost|cost_1|bce_weight|l2_weight|"
-     r"grid_rescale|delta|cross_ratio", lambda v: _real(v) and v >= 0, "a number of at least 0"),
+    (r"weight_decay|mi_weight_decay|lambda1|lambda2|lambda_div|lambda_norm|clone_weight|base_weight|momentum_weight|"
+     r"cost|cost_1|bce_weight|l2_weight|grid_rescale|delta|cross_ratio",
+     lambda v: _real(v) and v >= 0, "a number of at least 0"),
 ]
 _COMPILED = [(re.compile(f"(?:{pattern})"), test, what) for pattern, test, what in _RULES]
 

@@ -55,11 +55,11 @@ def run(run, mesh):
   else:
     defended, diagnostics = defend(run, setting, mesh)
     clean_used = len(setting.reserve.labels) if baselines.module(name).CLEAN_DATA else 0
-  diagnostics.update(clean_used=clean_used, defense_seconds=_defense_seconds(run, time.perf_counter() - start))
+  diagnostics.update(clean_used=clean_used, defense_seconds=defense_seconds(run, time.perf_counter() - start))
   return rows | defended, diagnostics
 
 
-def _defense_seconds(run, seconds: float) -> float:
+def defense_seconds(run, seconds: float) -> float:
   """The defense's wall time, as the run that finished it measured it (a resumed defense: that run's share); a later
   run, which finds everything done, reports the same number."""
   path = os.path.join(run.workdir, TIME_FILE)

@@ -112,11 +112,10 @@ def run(run, mesh) -> dict:
   rows["poisoned"] = suspect
   split = stages.load_data(config, config.data.name, config.data.split)
   images = training.defender_images(config, split.images)
-  teacher = training.teacher_encoder(run, config, suspect, images, mesh)
+  teacher, defended = training.purify(run, config, suspect, images, mesh, backdoor)
   if teacher is not suspect:
     rows["teacher"] = teacher
-  student = training.initial_student(run, config, suspect, images, mesh)
-  rows["defended"] = training.distill_student(run, "distill", config, teacher, student, images, mesh, backdoor)
+  rows["defended"] = defended
   evaluations = stages.evaluate_encoders(run, "evaluate", rows, config, mesh, backdoor)
   records = os.path.join(run.workdir, "distill", "monitor.jsonl")
   if jax.process_index() == 0 and os.path.exists(records):

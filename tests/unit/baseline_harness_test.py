@@ -67,9 +67,56 @@ def test_table_shows_fractions_in_percent_and_pooled_spread():
   rows = [{"setting": "x", "protocol": "ft_all", "defense": "ss", "acc": 0.5, "asr": {"mean": 0.1, "std": 0.02, "n": 3},
            "clean_used": 0, "seconds": 12.3}]
   text = compare.table(rows)
-  assert "| ss | 50.00 | 10.00 ± 2.00 | – | – | – | – | 0 | 12 |" in text
+  assert "| defense | acc | asr | asr_all | DER | clean images used | defense time (s) |" in text  # nothing removed
+  assert "| ss | 50.00 | 10.00 ± 2.00 | – | – | 0 | 12 |" in text
   no_poison = [{"setting": "x", "protocol": "ft_all", "defense": "ss", "tpr": float("nan"), "fpr": 0.1}]
   assert "| ss | – | – | – | – | – | 10.00 | – | – |" in compare.table(no_poison)  # threat 1: nothing to find
+
+
+def test_table_shows_a_detectors_scores_and_verdicts_on_both_encoders():
+  verdicts = compare.detections({"detect/clean": {"score": 0.4321, "flagged": False},
+                                 "detect/poisoned": {"score": 0.01234, "flagged": True}, "clean_used": 5})
+  assert verdicts == {"score_clean": 0.4321, "flagged_clean": 0.0, "score_poisoned": 0.01234, "flagged_poisoned": 1.0}
+  rows = [{"setting": "attack=badencoder", "protocol": "stl10", "defense": "decree", **verdicts, "clean_used": 5,
+           "seconds": 3.0},
+          {"setting": "attack=badencoder", "protocol": "stl10", "defense": "mimic", "acc": 0.9, "asr": 0.1,
+           "clean_used": 5, "seconds": 7.0}]
+  text = compare.table(rows)
+  assert "| decree | – | – | – | – | 0.4321 | no | 0.01234 | yes | 5 | 3 |" in text
+  assert "| mimic | 90.00 | 10.00 | – | – | – | – | – | – | 5 | 7 |" in text
+  pooled = {"mean": 2 / 3, "std": 0.58, "n": 3}  # over seeds (or settings): the fraction flagged
+  assert compare._cell(pooled, "flag") == "0.67" and compare._cell(0.5, "flag") == "0.50"
+  assert compare._cell({"mean": 1.0, "std": 0.0, "n": 3}, "flag") == "yes"
+
+
+def test_the_encoder_setting_is_the_distillation_defenses():
+  cell, distill = config("baseline:defense=mimic,attack=drupe,tiny"), config("distill:attack=drupe,tiny")
+  assert cell.experiment == "encoder_defense" and cell.baseline.defense == "mimic"
+  for block in ("data", "model", "pretrain", "attack", "defense", "evaluate"):  # its stages are distill.py's
+    assert cell[block].to_dict() == distill[block].to_dict(), block
+  assert config("baseline:defense=clp,threat=1,attack=badencoder,tiny").experiment == "baseline"  # threat 1
+  assert config("baseline:defense=ss,tiny").threat == 2  # a dataset attack without a threat: threat 2
+  assert compare.encoder_arg("quick") == "attack=badencoder,quick"
+  assert compare.encoder_arg("attack=drupe,downstream=gtsrb") == "attack=drupe,downstream=gtsrb"
+  assert compare.default_defenses("configs/distill.py") == compare.ENCODER_DEFENSES
+  assert compare.default_defenses("configs/tcore.py") == compare.DEFENSES
+  experiments.check(cell)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--config", "configs/baseline.py:defense=ss,attack=badencoder,tiny"), "runs against threats 1-3"),
+    (("--config", "configs/baseline.py:defense=clp,attack=badencoder,tiny", "--config.baseline.clp.u=-1"),
+     "clp.u must be"),
+    (("--config", "configs/baseline.py:defense=mimic,attack=badencoder,tiny",
+      "--config.baseline.mimic.momentum_weight=-1"), "momentum_weight must be"),
+])
+def test_bad_encoder_defense_input_is_one_line(args, message, tmp_path):
+  status, lines, _ = cli_main(*args, "--workdir", str(tmp_path / "w"))
+  assert status == 2 and len(lines) == 1 and message in lines[0], lines
+  assert not (tmp_path / "w").exists()
+  status, lines, _ = cli_main("--config", "configs/distill.py:loss=sp,tiny", "--defenses", "clp", "--workdir",
+                              str(tmp_path / "w"), main=compare.main)
+  assert status == 2 and len(lines) == 1 and "not 'loss'" in lines[0], lines
 
 
 @pytest.mark.parametrize("args, message", [

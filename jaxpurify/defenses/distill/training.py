@@ -95,6 +95,14 @@ def initial_student(run, config, suspect: Encoder, images: np.ndarray, mesh):
   return graphdef, state.params, state.batch_stats
 
 
+def purify(run, config, suspect: Encoder, images: np.ndarray, mesh, backdoor) -> tuple[Encoder, Encoder]:
+  """The whole defense on the defender's `images`: teacher (stage `teacher`), student (`warmup`), distillation
+  (`distill`) -> (teacher, defended backbone)."""
+  teacher = teacher_encoder(run, config, suspect, images, mesh)
+  student = initial_student(run, config, suspect, images, mesh)
+  return teacher, distill_student(run, "distill", config, teacher, student, images, mesh, backdoor)
+
+
 class Monitor:
   """Every `every` epochs of distillation, the student's acc/asr/asr_all on the attack's downstream set with one
   protocol, appended to `path` (resume-aware, like metrics.jsonl)."""
