@@ -207,10 +207,11 @@ COLUMNS = (("acc", "acc", "pct"), ("asr", "asr", "pct"), ("asr_all", "asr_all", 
 ALWAYS = ("acc", "asr", "asr_all", "der", "clean_used", "seconds")  # other columns appear where a row has them
 
 
-def _cell(value, kind: str) -> str:
+def _cell(value, kind: str, seeds: int = 1) -> str:
   """A number, or {mean, std, n} pooled over seeds, as text: 'pct' a fraction in %, 'count' a whole number, 'score'
   4 significant digits, 'flag' yes/no (a mean: the fraction flagged); '–' for none and for NaN (a removal
-  TPR where the set holds no poison: threat 1)."""
+  TPR where the set holds no poison: threat 1). A pooled value over fewer than `seeds` seeds (the others' were not
+  finite: a detector's score of inf) says its n; a count that no seed changed has no spread."""
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return "–"
   pooled = isinstance(value, dict)
@@ -218,9 +219,11 @@ def _cell(value, kind: str) -> str:
     share = value["mean"] if pooled else value
     return {1.0: "yes", 0.0: "no"}.get(share, f"{share:.2f}")
   fmt = {"pct": lambda v: f"{100 * v:.2f}", "count": lambda v: f"{v:.0f}", "score": lambda v: f"{v:.4g}"}[kind]
-  if pooled:
-    return fmt(value["mean"]) + (f" ± {fmt(value['std'])}" if value["n"] > 1 else "")
-  return fmt(value)
+  if not pooled:
+    return fmt(value)
+  spread = value["n"] > 1 and not (kind == "count" and value["std"] == 0)
+  return (fmt(value["mean"]) + (f" ± {fmt(value['std'])}" if spread else "")
+          + (f" (n={value['n']})" if value["n"] < seeds else ""))
 
 
 def table(rows: list[dict]) -> str:
@@ -228,12 +231,13 @@ def table(rows: list[dict]) -> str:
   out, groups = [], {}
   for row in rows:
     groups.setdefault((row["setting"], row["protocol"]), []).append(row)
+  seeds = max((v["n"] for row in rows for v in row.values() if isinstance(v, dict)), default=1)
   for (setting, protocol), members in groups.items():
     columns = [c for c in COLUMNS if c[0] in ALWAYS or any(c[0] in row for row in members)]
     out += [f"### {setting} ({protocol})", "", "| defense | " + " | ".join(c[1] for c in columns) + " |",
             "|---" * (len(columns) + 1) + "|"]
-    out += ["| " + row["defense"] + " | " + " | ".join(_cell(row.get(key), kind) for key, _, kind in columns) + " |"
-            for row in members]
+    out += ["| " + row["defense"] + " | " + " | ".join(_cell(row.get(key), kind, seeds) for key, _, kind in columns)
+            + " |" for row in members]
     out.append("")
   return "\n".join(out)
 

@@ -87,6 +87,8 @@ def test_table_shows_a_detectors_scores_and_verdicts_on_both_encoders():
   pooled = {"mean": 2 / 3, "std": 0.58, "n": 3}  # over seeds (or settings): the fraction flagged
   assert compare._cell(pooled, "flag") == "0.67" and compare._cell(0.5, "flag") == "0.50"
   assert compare._cell({"mean": 1.0, "std": 0.0, "n": 3}, "flag") == "yes"
+  assert compare._cell({"mean": 0.5, "std": 0.1, "n": 2}, "score", seeds=3) == "0.5 ± 0.1 (n=2)"  # one was inf
+  assert compare._cell({"mean": 287, "std": 0.0, "n": 3}, "count", seeds=3) == "287"
 
 
 def test_the_encoder_setting_is_the_distillation_defenses():
