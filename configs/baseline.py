@@ -10,6 +10,11 @@ defense = ss | ac | scan | spectre | strip | ct | asset | abl | ft | fp | nad | 
 on the same setting and victim set).
 protocol = ft_all (default) | ft_head | both. The setting's stages (clean encoder, encoder attack, poisoned set,
 undefended fine-tuning) have the names `configs/threat.py` and `configs/tcore.py` runs give them.
+
+Without `threat`, an encoder attack (badencoder | drupe) names the encoder setting instead: the encoder-side
+defenses on the distillation defense's setting (`encoder_setting`; configs/distill.py's stages):
+  python main.py --config configs/baseline.py:defense=mimic,attack=badencoder,quick
+  python -m jaxpurify.compare --config configs/distill.py:quick --settings attack=badencoder attack=drupe
 """
 
 import math
@@ -119,7 +124,8 @@ def encoder_setting(defense: str, attack: str, downstream: str, quick: bool) -> 
   """An encoder-side `defense` on the distillation defense's setting (configs/distill.py's stages, its defender
   subset and evaluation): the clean and the `attack`-poisoned encoder, then the defense's detection (on both) or
   cleaned encoder. defense = distill (the distillation defense itself) | nad (its poisoned-copy student: NAD on the
-  encoder) | mimic | ssl_cleanse | decree (detection only) | clp (data-free pruning of the encoder's channels).
+  encoder) | mimic | ssl_cleanse | decree (a detector; a flagged suspect's trigger goes to SSL-Cleanse's
+  mitigator) | clp (data-free pruning of the encoder's channels).
 
   Defaults (sources in docs/baselines.md): DECREE GiantSeaweed/DECREE main.py; SSL-Cleanse its README and cfg; MIMIC
   wssun/MIMIC (MI-weighted AT, random student, the poisoned encoder as teacher, clone weight 1); CLP BackdoorBench's

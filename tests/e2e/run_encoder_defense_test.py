@@ -1,8 +1,9 @@
 """The encoder-side defenses through `python -m jaxpurify.compare --config configs/distill.py:...`, in-process on
 the tiny setting: the session's clean and BadEncoder runs supply the encoders (the first cell links the attack,
 the later cells link the setting's stages from it), a detector judges both encoders, a mitigator's cleaned encoder
-is evaluated like the distillation defense's. Default: the data-free CLP and the detector DECREE; `-m extended`:
-the trained mitigators (the distillation defense, NAD, MIMIC, SSL-Cleanse)."""
+is evaluated like the distillation defense's. Default: the data-free CLP and DECREE judging both encoders clean;
+`-m extended`: the trained mitigators (the distillation defense, NAD, MIMIC, SSL-Cleanse, DECREE's flagged trigger
+through SSL-Cleanse's mitigator)."""
 
 import json
 import os
@@ -17,10 +18,10 @@ from jaxpurify.pipeline import Run, link_stages
 pytestmark = pytest.mark.integration
 
 
-def _compare(defenses, clean_run, badencoder_run, workdir):
-  """compare on the tiny encoder setting, its first cell claimed with the session's attack stage linked in ->
-  (exit status, error lines, compare.json rows)."""
-  overrides = [f"--config.attack.clean_encoder={clean_run[0]}"]
+def _compare(defenses, clean_run, badencoder_run, workdir, *more):
+  """compare on the tiny encoder setting (`more`: --config overrides), its first cell claimed with the session's
+  attack stage linked in -> (exit status, error lines, compare.json rows)."""
+  overrides = [f"--config.attack.clean_encoder={clean_run[0]}", *more]
   ((_, first), config), = compare.cells("configs/distill.py", "tiny", overrides, defenses[:1], [""]).items()
   cell = os.path.join(workdir, "badencoder", first)
   if not os.path.exists(cell):
@@ -50,9 +51,14 @@ def _check_rows(rows, defenses, badencoder_run, workdir):
 
 def test_compare_runs_the_encoder_side_defenses_on_one_setting(clean_run, badencoder_run, tmp_path):
   workdir, defenses = str(tmp_path / "compare"), ["clp", "decree"]
-  status, lines, rows = _compare(defenses, clean_run, badencoder_run, workdir)
+  # A PL1 cut-off no trigger passes: DECREE judges both encoders clean and the suspect is used as it is.
+  status, lines, rows = _compare(defenses, clean_run, badencoder_run, workdir,
+                                 "--config.baseline.decree.threshold=1e-9")
   assert status == 0, lines
   _check_rows(rows, defenses, badencoder_run, workdir)
+  decree = rows[3]
+  assert decree["flagged_clean"] == decree["flagged_poisoned"] == 0.0
+  assert {k: decree[k] for k in ("acc", "asr")} == {k: rows[1][k] for k in ("acc", "asr")}
   text = open(os.path.join(workdir, "compare.md"), encoding="utf-8").read()
   assert "### attack=badencoder (digits)" in text and "score (poisoned)" in text and "flags clean" in text
   with open(os.path.join(workdir, "badencoder", "clp", "results.json"), encoding="utf-8") as f:
@@ -62,10 +68,13 @@ def test_compare_runs_the_encoder_side_defenses_on_one_setting(clean_run, badenc
 
 @pytest.mark.extended
 def test_compare_runs_the_trained_encoder_mitigators(clean_run, badencoder_run, tmp_path):
-  workdir, defenses = str(tmp_path / "compare"), ["distill", "nad", "mimic", "ssl_cleanse"]
-  status, lines, rows = _compare(defenses, clean_run, badencoder_run, workdir)
+  workdir, defenses = str(tmp_path / "compare"), ["distill", "nad", "mimic", "ssl_cleanse", "decree"]
+  # A PL1 cut-off every score passes (1 is the whole image): DECREE flags the suspect, and its trigger goes to
+  # SSL-Cleanse's mitigator.
+  status, lines, rows = _compare(defenses, clean_run, badencoder_run, workdir, "--config.baseline.decree.threshold=2")
   assert status == 0, lines
   _check_rows(rows, defenses, badencoder_run, workdir)
+  assert os.path.exists(os.path.join(workdir, "badencoder", "decree", "decree_mitigate", "done.json"))
   nad = os.path.join(workdir, "badencoder", "nad")
   assert os.path.exists(os.path.join(nad, "teacher", "done.json"))  # its own teacher: its time is its whole cost
   assert not os.path.exists(os.path.join(nad, "warmup"))  # its student is the poisoned encoder

@@ -3,6 +3,7 @@
 
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from configs import byol as byol_config
@@ -191,6 +192,7 @@ class StepsTest(absltest.TestCase):
     self.assertFalse(np.allclose(queue2[:2 * BATCH], queue0[:2 * BATCH]))
     np.testing.assert_allclose(np.linalg.norm(queue2, axis=1), 1.0, rtol=1e-5)
 
+  @pytest.mark.extended  # 29 s; MoCo's sharded step (the same EMA target update) runs by default
   def test_byol(self):
     config, (s0, s1, s2) = self.check_sharded_equals_single_device("byol")
     ema = config.pretrain.byol.ema

@@ -26,6 +26,11 @@ released code and README leave the verdict to the reader of the L1-norm main.py 
 of the paper's figures draws its line at 0.1 too. The PL1-norm is of the [H, W] mask (the official L1 over
 [H, W, 3] divided by 3 H W).
 
+Mitigation: DECREE only detects; "use its inverted trigger where a mitigation can" (baselines.md 3.4): `purify`
+hands a flagged suspect's trigger to SSL-Cleanse's mitigator (its settings, config.baseline.ssl_cleanse: views
+stamped with the trigger pulled to clean views of the same image) and leaves an encoder judged clean as it is,
+as a defender acting on the verdict would.
+
 Departures, and why: float32 instead of float64 (the tanh maps use epsilon 1e-6 instead of 1e-7, which float32
 cannot tell from 0 next to 2); the mean pairwise cosine is computed from the sum of the normalised embeddings
 ((||sum z||^2 - sum ||z||^2) / (n (n - 1)), equal to the mean over the off-diagonal of the Gram matrix) so that no
@@ -49,10 +54,12 @@ from flax import nnx
 
 from jaxpurify import augment, parallel
 from jaxpurify.data.device import DeviceDataset
+from jaxpurify.defenses.encoder import _ssl_cleanse_mitigate
 from jaxpurify.errors import UserError
 from jaxpurify.train.state import TrainState, apply_gradients
 
 CLEAN_DATA = True
+DETECT_STAGE = "decree_detect_poisoned"  # the harness's detection of the suspect, which `purify` reuses
 
 EPSILON = 1e-6  # the official epsilon() is 1e-7 in float64; float32 needs 2 - EPSILON != 2
 BETAS = (0.5, 0.9)  # main.py's Adam
@@ -306,3 +313,18 @@ def detect(run, stage: str, block, config, encoder, images: np.ndarray, mesh) ->
   record = {**result, "flagged": result["score"] < block.threshold, "threshold": block.threshold,
             "shadow_images": len(shadow), "seconds": round(time.perf_counter() - tick, 2)}
   return run.finish(stage, record)
+
+
+def purify(run, block, config, suspect, images: np.ndarray, mesh, backdoor):
+  """DECREE's verdict on the suspect (stage decree_detect_poisoned, the harness's), then, when it is flagged, its
+  inverted trigger unlearned by SSL-Cleanse's mitigator with config.baseline.ssl_cleanse's settings (stage
+  decree_mitigate); an encoder judged clean is used as it is -> (backbone, {'score', 'flagged', 'mitigated'})."""
+  del backdoor  # monitors only
+  detection = detect(run, DETECT_STAGE, block, config, suspect, images, mesh)
+  if not detection["flagged"]:
+    return suspect, {"score": detection["score"], "flagged": False, "mitigated": False}
+  directory = run.stage_dir(DETECT_STAGE)
+  mask, pattern = (np.load(os.path.join(directory, f"{name}.npy")) for name in ("mask", "pattern"))
+  defended = _ssl_cleanse_mitigate.mitigate(run, "decree_mitigate", config.baseline.ssl_cleanse, config, suspect,
+                                            images, mask[None, :, :, None], pattern[None], mesh)
+  return defended, {"score": detection["score"], "flagged": True, "mitigated": True}

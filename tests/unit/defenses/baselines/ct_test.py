@@ -192,6 +192,7 @@ def _inputs(config, n=96, reserve=24, classes=3):
                 rng.normal(size=(reserve, classes)).astype(np.float32))
 
 
+@pytest.mark.extended  # 30 s: CT's rounds end to end; its step, batches and test run by default
 def test_suspects_runs_the_rounds_and_the_test_and_resumes_from_its_stages(tmp_path, monkeypatch):
   config = load_config("baseline:defense=ct,threat=2,attack=badnets,tiny")
   block = config.baseline.ct

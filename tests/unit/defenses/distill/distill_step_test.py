@@ -7,6 +7,7 @@ from unittest import mock
 
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest
 from flax import nnx
 
@@ -172,6 +173,7 @@ class DistillStepTest(absltest.TestCase):
     self.assertNotEqual(shifted["at_layer1"], again["at_layer1"])
     self.assertEqual(shifted["nt_xent"], again["nt_xent"])  # the student's own term does not see the teacher
 
+  @pytest.mark.extended  # 26 s; the sharded step runs by default with AT (test_attention_transfer)
   def test_correlation_congruence_with_user_weights_and_clone(self):
     # CC pairs neighbouring rows of the batch: sharded, it has to gather them. User weights replace the defaults.
     config = tiny("defense.loss.name=cc", "defense.loss.layer_weights=(1000.0, 0.0, 0.0, 5.0)",
