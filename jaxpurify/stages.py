@@ -40,6 +40,12 @@ def capped_steps(config, num_steps: int) -> int:
   return min(num_steps, cap) if cap else num_steps
 
 
+def capped_epochs(max_steps: int, epochs: int, steps_per_epoch: int) -> int:
+  """The whole epochs of a loop that is not a `train` stage: `epochs`, or under a step cap (config.limits.max_steps
+  of a smoke run; 0 = none) as few as reach it, at least one."""
+  return min(epochs, max(1, -(-max_steps // steps_per_epoch))) if max_steps else epochs
+
+
 def train(run, stage, state, step, batch_fn, train_config, num_steps, mesh, seed, after_step=None):
   """`run_steps` in the stage's folder with the run key of `seed` and the logging of `train_config`."""
   key = jax.device_put(jax.random.key(seed), parallel.replicated(mesh))

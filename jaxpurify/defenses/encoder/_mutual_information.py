@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxpurify import augment, parallel
+from jaxpurify import augment, parallel, stages
 from jaxpurify.encoders import Encoder
 from jaxpurify.errors import UserError
 from jaxpurify.losses import l2_normalize
@@ -196,10 +196,12 @@ def estimates(batches: list[dict], hidden: int, epochs: int, tx, mesh, key: jax.
   return np.asarray(jax.device_get(per_epoch), np.float64)
 
 
-def layer_mi(encoder: Encoder, model_config, images: np.ndarray, taps, block, mesh, seed: int) -> dict[str, float]:
+def layer_mi(encoder: Encoder, model_config, images: np.ndarray, taps, block, mesh, seed: int,
+             max_steps: int = 0) -> dict[str, float]:
   """MIMIC's MI estimate of each tap of `encoder` with its feature, on uint8 images [N, H, W, 3] -> {tap: mi}
   (the mean of the last block.mi_last_epochs epochs' estimates, `estimates`). block: mi_epochs, mi_lr,
-  mi_weight_decay, mi_hidden, mi_batch_size, mi_last_epochs. Tap i's estimator is keyed by fold_in(key(seed), i)."""
+  mi_weight_decay, mi_hidden, mi_batch_size, mi_last_epochs. Tap i's estimator is keyed by fold_in(key(seed), i).
+  max_steps: a smoke run's cap (whole epochs, `stages.capped_epochs`)."""
   images = np.asarray(images)
   if len(images) < 2:
     raise UserError(f"MIMIC's MI estimator needs at least 2 images to pair them at random, got {len(images)}; raise "
@@ -207,7 +209,8 @@ def layer_mi(encoder: Encoder, model_config, images: np.ndarray, taps, block, me
   tx, key, mi = estimator_optimizer(block), jax.random.key(seed), {}
   for i, tap in enumerate(taps):
     batches = layer_batches(encoder, model_config, images, tap, block.mi_batch_size, mesh)
-    per_epoch = estimates(batches, block.mi_hidden, block.mi_epochs, tx, mesh, jax.random.fold_in(key, i))
+    epochs = stages.capped_epochs(max_steps, block.mi_epochs, len(batches))
+    per_epoch = estimates(batches, block.mi_hidden, epochs, tx, mesh, jax.random.fold_in(key, i))
     mi[tap] = float(np.mean(per_epoch[-block.mi_last_epochs:]))
     del batches
   return mi

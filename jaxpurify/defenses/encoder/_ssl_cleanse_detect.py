@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpurify import augment, evaluation, parallel
+from jaxpurify import augment, evaluation, parallel, stages
 from jaxpurify.errors import UserError
 from jaxpurify.losses import l2_normalize
 from jaxpurify.train.state import TrainState, apply_gradients
@@ -249,12 +249,12 @@ def trigger_epoch(step, state, others: np.ndarray, partners: np.ndarray, order: 
 
 
 def reverse_triggers(encoder, model_config, images: np.ndarray, features: np.ndarray, labels: np.ndarray, block,
-                     eval_batch: int, mesh, seed: int) -> dict:
+                     eval_batch: int, mesh, seed: int, max_steps: int = 0) -> dict:
   """detector.py's loop for every cluster as target at once, block.trigger_epochs epochs: uint8 images
   [N, H, W, 3], their raw features [N, D] and pseudo-classes int [N] -> {'mask' [K, H, W, 1], 'pattern'
   [K, H, W, 3] (each cluster's best trigger, its last where the attack never succeeded), 'size' [K] (the best
   mean(mask pattern), 1 where never reached: the official default), 'asr' [K] (its attack success, else the last),
-  'reached' bool [K]}."""
+  'reached' bool [K]}. max_steps: a smoke run's cap (whole epochs, `stages.capped_epochs`)."""
   num_clusters, devices = int(labels.max()) + 1, jax.device_count()
   rng = np.random.default_rng([seed, 1])
   others, partners = trigger_pairs(labels, rng)
@@ -274,7 +274,7 @@ def reverse_triggers(encoder, model_config, images: np.ndarray, features: np.nda
   schedule = initial_schedule(num_clusters)
   best = jax.device_get(state.params)
   best_asr, last_asr = np.zeros(num_clusters), np.zeros(num_clusters)
-  for _ in range(block.trigger_epochs):
+  for _ in range(stages.capped_epochs(max_steps, block.trigger_epochs, count // size)):
     order = np.stack([rng.permutation(count) for _ in range(num_clusters)])
     extra = {"lam": parallel.put_replicated(schedule.lam.astype(np.float32), mesh), "encoder": weights}
     state, reg = trigger_epoch(step, state, others, partners, order, size, constants, extra, mesh, key)

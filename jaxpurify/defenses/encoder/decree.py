@@ -52,7 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxpurify import augment, parallel
+from jaxpurify import augment, parallel, stages
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.defenses.encoder import _ssl_cleanse_mitigate
 from jaxpurify.errors import UserError
@@ -243,19 +243,19 @@ def batching(num_images: int, batch_size: int, devices: int) -> tuple[int, int]:
   return steps, batch
 
 
-def invert(embed, frozen, images: np.ndarray, block, mesh, seed: int) -> dict:
+def invert(embed, frozen, images: np.ndarray, block, mesh, seed: int, max_steps: int = 0) -> dict:
   """DECREE's trigger inversion on uint8 `images` [N, H, W, 3] (all of them; `detect` takes the first
   block.shadow_images) against embed(frozen, x) (see make_step) -> {'score' (the PL1-norm), 'found', 'l1',
   'similarity' (the last epoch's mean), 'epochs', 'stopped_early', 'lambda', 'steps', 'batch_size', 'mask' [H, W],
   'pattern' [H, W, 3] (host arrays: the smallest successful trigger, else the last one), 'history' (per epoch:
-  similarity, l1, lambda)}."""
+  similarity, l1, lambda)}. max_steps: a smoke run's cap (whole epochs, `stages.capped_epochs`)."""
   steps_per_epoch, batch_size = batching(len(images), block.batch_size, jax.device_count())
   dataset = DeviceDataset({"image": images}, mesh, batch_size, seed)
   state = init_state(jax.random.key(seed), images.shape[1:], block, steps_per_epoch, mesh)
   step = jax.jit(make_step(embed, block, steps_per_epoch), donate_argnums=0)
   key = jax.device_put(jax.random.key(seed), parallel.replicated(mesh))
   history, stopped, epoch = [], False, 0
-  for epoch in range(1, block.epochs + 1):
+  for epoch in range(1, stages.capped_epochs(max_steps, block.epochs, steps_per_epoch) + 1):
     sums = None
     for i in range(steps_per_epoch):
       batch = dataset.batch((epoch - 1) * steps_per_epoch + i) | {"frozen": frozen}
@@ -302,7 +302,8 @@ def detect(run, stage: str, block, config, encoder, images: np.ndarray, mesh) ->
   shadow = np.asarray(images[:block.shadow_images])
   tick = time.perf_counter()
   frozen = parallel.put_replicated({"params": encoder.params, "batch_stats": encoder.batch_stats}, mesh)
-  result = invert(encoder_embed(encoder.graphdef, config.model), frozen, shadow, block, mesh, config.seed)
+  result = invert(encoder_embed(encoder.graphdef, config.model), frozen, shadow, block, mesh, config.seed,
+                  config.limits.max_steps)
   mask, pattern, history = result.pop("mask"), result.pop("pattern"), result.pop("history")
   directory = run.stage_dir(stage)
   if jax.process_index() == 0:

@@ -48,7 +48,8 @@ def purify(run, block, config, suspect, images, mesh, backdoor):
   taps = distill_step.loss_taps(mimic.defense.loss, nnx.merge(graphdef, params, batch_stats).backbone.tap_names)
   if (record := run.done("mimic_weights")) is None:
     backbone = encoders.backbone_of(graphdef, SimpleNamespace(params=params, batch_stats=batch_stats))
-    mi = _mutual_information.layer_mi(backbone, mimic.model, images, taps, block, mesh, config.seed)
+    mi = _mutual_information.layer_mi(backbone, mimic.model, images, taps, block, mesh, config.seed,
+                                      config.limits.max_steps)
     weights = _mutual_information.layer_weights(mi, block.base_weight, block.momentum_weight)
     record = run.finish("mimic_weights", {"mi": mi, "layer_weights": dict(zip(taps, map(float, weights)))})
   mimic = derived_config(mimic, {"defense.loss.layer_weights": tuple(record["layer_weights"][t] for t in taps)})

@@ -155,7 +155,7 @@ def detect(run, stage: str, block, config, encoder: Encoder, images: np.ndarray,
                                       config.evaluate.batch_size, mesh)
   labels, clustering = _detect.cluster(features, block, config.seed)
   found = _detect.reverse_triggers(encoder, config.model, images, features, labels, block,
-                                   config.evaluate.batch_size, mesh, config.seed)
+                                   config.evaluate.batch_size, mesh, config.seed, config.limits.max_steps)
   index, median, mad = mad_anomaly_index(found["size"])
   score = float(index[np.argmin(found["size"])])
   flagged = [int(k) for k in np.flatnonzero((found["size"] < median) & (index > block.anomaly_threshold))]

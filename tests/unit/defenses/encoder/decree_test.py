@@ -14,7 +14,7 @@ import pytest
 
 from helpers import assert_trees_close
 from helpers import config as load_config
-from jaxpurify import parallel, validation
+from jaxpurify import parallel, stages, validation
 from jaxpurify.defenses.encoder import decree
 from jaxpurify.encoders import build_backbone
 from jaxpurify.errors import UserError
@@ -156,6 +156,11 @@ def test_inversion_finds_the_planted_patch_and_no_small_trigger_without_one():
   assert clean["score"] > 0.3 and clean["similarity"] > block.similarity_threshold
   for result in (planted, clean):
     assert result["stopped_early"] and result["epochs"] < block.epochs and result["batch_size"] == 64
+  # A smoke run's step cap ends the search after the whole epochs that reach it (1 step an epoch here).
+  capped = decree.invert(_toy_embed(True), frozen, images, block, mesh, seed=0, max_steps=3)
+  assert capped["epochs"] == capped["steps"] == 3 and not capped["stopped_early"]
+  assert [stages.capped_epochs(m, 1000, 5) for m in (0, 3, 5, 12)] == [1000, 1, 1, 3]
+  assert stages.capped_epochs(30, 2, 5) == 2
 
 
 def test_bad_settings_fail_in_one_line():
