@@ -20,7 +20,11 @@ CELLS = (["simclr:smoke", "moco:smoke", "byol:smoke", "drupe:smoke", "ctrl:smoke
          + ["threat:threat=1,attack=badencoder,smoke"]
          + [f"threat:threat={threat},attack={attack},smoke" for threat in (2, 3) for attack in ATTACKS]
          + ["tcore:threat=1,attack=badencoder,smoke", "tcore:threat=2,attack=badnets,smoke",
-            "tcore:threat=3,attack=badnets,smoke"])
+            "tcore:threat=3,attack=badnets,smoke"]
+         + [f"baseline:defense={defense},attack=badencoder,smoke"  # the encoder-side defenses
+            for defense in ("nad", "mimic", "ssl_cleanse", "decree", "clp")])
+# The mock pre-training set's 5% (204 images) is below SSL-Cleanse's mitigator batch of 1536 (CIFAR-10's 2,500 hold it)
+OVERRIDES = {cell: ("baseline.ssl_cleanse.train.batch_size=128",) for cell in CELLS if cell.startswith("baseline:")}
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +36,7 @@ def unprepared_data(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name_arg", CELLS)
 def test_full_config_runs_end_to_end_at_a_few_steps(name_arg, tmp_path):
   workdir = str(tmp_path / "run")
-  evaluations, out = run_experiment(name_arg, workdir)
+  evaluations, out = run_experiment(name_arg, workdir, *OVERRIDES.get(name_arg, ()))
   assert evaluations and "results:" in out
   for row, metrics in evaluations.items():
     for name, value in metrics.items():

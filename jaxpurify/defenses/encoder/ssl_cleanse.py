@@ -64,7 +64,8 @@ import time
 import jax
 import numpy as np
 
-from jaxpurify import encoders, evaluation
+from jaxpurify import encoders, evaluation, stages, validation
+from jaxpurify.defenses.distill import training
 from jaxpurify.defenses.encoder import _ssl_cleanse_detect as _detect
 from jaxpurify.defenses.encoder import _ssl_cleanse_mitigate as _mitigate
 from jaxpurify.defenses.encoder._ssl_cleanse_detect import knn_attack_success, swk
@@ -107,8 +108,11 @@ _CHECKS = (  # fields jaxpurify.validation's generic rules do not cover
 
 
 def check(block, config) -> None:
-  """UserError, one line, on a field of config.baseline.ssl_cleanse outside its range (the others: validation)."""
-  del config
+  """UserError, one line, on a field of config.baseline.ssl_cleanse outside its range (the others: validation), or
+  on a mitigator batch larger than the defender's subset (DECREE's mitigation uses it too)."""
+  images = stages.load_data(config, config.data.name, config.data.split).images
+  validation.check_fits(config, "baseline.ssl_cleanse.train.batch_size",
+                        len(training.defender_images(config, images)), "defender images")
   for field, test, what in _CHECKS:
     value = block
     for part in field.split("."):
