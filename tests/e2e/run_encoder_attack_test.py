@@ -40,6 +40,7 @@ def test_drupe_on_a_pretrained_encoder(clean_run, tmp_path):
   check_attack_run(workdir, clean_run[0], "drupe")
 
 
+@pytest.mark.extended  # 29-31 s; CTRL's frequency trigger runs by default in tests/unit/triggers/
 def test_ctrl_poisons_the_target_class_and_pretrains_on_it(clean_run, tmp_path):
   workdir = str(tmp_path / "ctrl")
   evaluations, _ = run_experiment("ctrl:tiny", workdir, f"attack.clean_encoder={clean_run[0]}",
