@@ -4,6 +4,8 @@ Full (CIFAR-10, 800 epochs, batch 256, SGD 0.06 cosine, wd 5e-4, projector and p
   python main.py --config configs/byol.py
 Quick (the embedded `digits` set, a narrow ResNet-18, Adam 1e-3, full-size heads; minutes on a 2-core CPU):
   python main.py --config configs/byol.py:quick
+A ViT-Tiny with the ViT recipe (AdamW, warm-up, cosine; configs/common.py vit_recipe):
+  python main.py --config configs/byol.py:encoder=vit_tiny,quick
 """
 
 import functools
@@ -12,4 +14,4 @@ from configs import common, simclr
 
 
 def get_config(arg=None):
-  return common.build(arg, functools.partial(simclr.experiment, "byol"))
+  return common.build(arg, functools.partial(simclr.experiment, "byol"), encoder="")

@@ -75,12 +75,13 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A quick config shrunk to test size, every block it has: ResNet-10 at width 4 (BYOL's heads 16 wide), 2
+  """A quick config shrunk to test size, every block it has: ResNet-10 at width 4 (a ViT, `encoder=vit_tiny`, stays
+  one, at width 4; BYOL's heads 16 wide), 2
   pre-training epochs at batch 64, a 5-epoch MLP evaluation with the kNN monitor (a 5-epoch linear probe where a
   monitor asks for it), 1 attack epoch at batch 128, 1-2 epochs of each defense stage, 1 fine-tuning epoch, one
   confusion round and a few steps of each T-Core stage and each baseline defense, a few of the attacks' auxiliary
   models."""
-  c.model.update(name="resnet10", width=4)
+  c.model.update(name=c.model.name if c.model.name.startswith("vit") else "resnet10", width=4)
   c.pretrain.head.dim = 8
   if "byol" in c.pretrain:
     c.pretrain.head.hidden = c.pretrain.byol.predictor_hidden = 16
@@ -184,6 +185,16 @@ def pretraining(method: str, quick: bool) -> ml_collections.ConfigDict:
   return block
 
 
+def vit_recipe(block: ml_collections.ConfigDict, quick: bool) -> ml_collections.ConfigDict:
+  """A pre-training block (`pretraining`) with the ViT recipe in place of its optimiser: AdamW with decoupled
+  weight decay 0.05 (DeiT) on weights only (no decay on biases, LayerNorm scales, position embeddings, class token),
+  linear warm-up then cosine decay to 0. Full: MoCo v3's ViT learning rate 1.5e-4 per 256 images (scaled to the
+  block's batch) and 40 warm-up epochs. Quick (ours, for the 25-epoch digits runs): lr 1e-3, 3 warm-up epochs."""
+  lr = 1e-3 if quick else 1.5e-4 * block.train.batch_size / 256
+  block.optim = optim("adamw", lr, 0.05, schedule="cosine", warmup_epochs=3 if quick else 40)
+  return block
+
+
 def data(name: str, quick: bool) -> ml_collections.ConfigDict:
   """The pre-training data set (quick: the embedded digits)."""
   return ml_collections.ConfigDict(dict(name="digits" if quick else name, split="train", data_dir="",
@@ -194,9 +205,12 @@ def model(quick: bool) -> ml_collections.ConfigDict:
   """CIFAR ResNet-18 (quick: width 8) with CIFAR-10 input normalisation. import_map: how an encoder given as a
   PyTorch file maps onto it ('auto', 'badencoder', 'torchvision', 'ctrl', 'STYLE:PREFIX'; docs/interop.md).
   dtype: the compute dtype of convolutions and matmuls ('auto': bfloat16 on GPU/TPU, float32 on CPU; 'float32',
-  'bfloat16'); parameters, optimiser state, BatchNorm statistics and losses stay float32."""
+  'bfloat16'); parameters, optimiser state, BatchNorm statistics and losses stay float32. vit: the options of
+  name=vit_tiny | vit_small (patch size, the image size its position embeddings are made for, 'cls' or 'mean'
+  pooling); a ViT's width is its channels per attention head (64 at full size: ViT-Tiny D = 192)."""
   return ml_collections.ConfigDict(dict(name="resnet18", width=8 if quick else 64, mean=CIFAR10_MEAN,
-                                        std=CIFAR10_STD, import_map="auto", dtype="auto"))
+                                        std=CIFAR10_STD, import_map="auto", dtype="auto",
+                                        vit=dict(patch=4, image_size=32, pool="cls")))
 
 
 def evaluate(datasets, quick: bool) -> ml_collections.ConfigDict:

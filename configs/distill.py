@@ -34,6 +34,10 @@ def experiment(attack: str, downstream: str, teacher: str, student: str, loss: s
   the student is monitored with the linear probe every 50 epochs (the kNN monitor misses BadEncoder's backdoor
   on digits: asr 0 on the poisoned encoder). quick: 20% of digits (287 images) at batch 64; teacher 10, warm-up
   30, distillation 30 epochs, monitored every 5.
+
+  loss.taps: the student's taps the map losses compare (default: a ResNet's layer1..layer4, a 12-block ViT's
+  block3, block6, block9, block12); loss.teacher_taps: the teacher's, paired in order (default: the same names, or
+  the teacher's own default taps when it is another architecture); loss.layer_weights: one weight per pair.
   """
   c = badencoder.experiment(attack, downstream, "simclr", quick)
   c.experiment = "distill"
@@ -44,6 +48,7 @@ def experiment(attack: str, downstream: str, teacher: str, student: str, loss: s
       teacher=dict(kind=teacher, checkpoint="", model=dict(name="", width=0), epochs=100, lr=1e-3),
       student=dict(init=student, checkpoint="", model=dict(name="", width=0), warmup_epochs=500),
       loss=dict(name=loss, taps=ml_collections.config_dict.placeholder(tuple),
+                teacher_taps=ml_collections.config_dict.placeholder(tuple),
                 layer_weights=ml_collections.config_dict.placeholder(tuple),
                 clone_weight=ml_collections.config_dict.placeholder(float)),
       ssl=ssl, monitor=dict(every_epochs=50, protocol="linear")))

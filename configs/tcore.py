@@ -28,14 +28,14 @@ def experiment(threat: int, attack: str, encoder: str, downstream: str, protocol
   (ft_all, ft_head or both).
 
   The four components are the paper's; their settings are jaxpurify's reconstruction (tcore.md section 5,
-  docs/tcore.md). sift: five depths (input, layer1..4), the sum of the nearest-same-label ranks, 20 seeds
-  per class. expand: Confusion Training's CIFAR-10 rounds, lambdas and lrs (SGD, momentum 0.7), batch 32 + 32
-  seeds, FT-all; the per-round fine-tuning is 10 epochs (CT trains from scratch for 40-100; this starts from a
-  pre-trained encoder). filter: CLP's UCLC (no BN eps), the most pruning of u in {2, 2.5, 3, 4, 5} that keeps
-  the trusted set's 1-NN accuracy within 1 point. boot: from the seeds, 3 growth stages to 60 / 80 / 95% of each
-  class, admitting samples predicted as their label with confidence >= 0.8, 1000 steps per stage with
-  config.finetune's optimiser and batch. quick: two rounds (1/2, 1/5) of 150 confusion steps after 5 epochs
-  each (Adam 1e-3), 200 steps per bootstrapping stage.
+  docs/tcore.md). sift: five depths (layers=(): input and four taps, a ResNet's layer1..4, a ViT's blocks 3, 6, 9, 12;
+  sift.default_layers), the sum of the nearest-same-label ranks, 20 seeds per class. expand: Confusion Training's
+  CIFAR-10 rounds, lambdas and lrs (SGD, momentum 0.7), batch 32 + 32 seeds, FT-all; the per-round fine-tuning is 10
+  epochs (CT trains from scratch for 40-100; this starts from a pre-trained encoder). filter: CLP's UCLC (no BN eps),
+  the most pruning of u in {2, 2.5, 3, 4, 5} that keeps the trusted set's 1-NN accuracy within 1 point. boot: from the
+  seeds, 3 growth stages to 60 / 80 / 95% of each class, admitting samples predicted as their label with confidence >=
+  0.8, 1000 steps per stage with config.finetune's optimiser and batch. quick: two rounds (1/2, 1/5) of 150 confusion
+  steps after 5 epochs each (Adam 1e-3), 200 steps per bootstrapping stage.
   """
   protocols = {"ft_all": ("ft_all",), "ft_head": ("ft_head",), "both": ("ft_head", "ft_all")}
   if protocol not in protocols:
@@ -43,10 +43,9 @@ def experiment(threat: int, attack: str, encoder: str, downstream: str, protocol
   c = threat_config.experiment(threat, attack, encoder, downstream, quick)
   c.experiment = "tcore"
   c.finetune.protocols = protocols[protocol]
-  depths = ("input", "layer1", "layer2", "layer3", "layer4")
   c.tcore = ml_collections.ConfigDict(dict(
       skip=(),
-      sift=dict(layers=depths, aggregate="sum", seeds_per_class=20, chunk_rows=1024),
+      sift=dict(layers=(), aggregate="sum", seeds_per_class=20, chunk_rows=1024),
       expand=dict(trainable="all", ratios=(1 / 2, 1 / 5, 1 / 25, 1 / 50, 1 / 100),
                   lambdas=(20.0, 20.0, 20.0, 30.0, 30.0), lrs=(1e-3, 1e-3, 1e-3, 1e-2, 1e-2),
                   iters=(6000, 6000, 6000, 6000, 2000),

@@ -197,6 +197,9 @@ def main(argv: list[str]) -> int:
     args = parse_argv(argv)
     config = cli.load_config(args.config, args.arg, args.overrides)
     if args.extra["compare"]:
+      if models.is_vit(config.model.name):
+        raise UserError(f"--compare torch: the PyTorch references are ResNets, not {config.model.name}; drop --compare "
+                        "or set config.model.name to a ResNet")
       from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  (the repository's, not packaged)
       torch_reference.check(config)  # before the JAX side: a missing torch or reference fails fast
     result = measure(config, args.extra["steps"], args.extra["warmup"])

@@ -141,6 +141,8 @@ def backbone_from(raw: dict, model_config, directory: str, field: str) -> Encode
     stored = raw.get(kind) if isinstance(raw, dict) else None
     if isinstance(stored, dict) and "backbone" in stored:  # a model around the backbone (SSL, classifier)
       stored = stored["backbone"]
+    elif not expected:  # a backbone without statistics (a ViT): none to find
+      stored = {}
     elif not (isinstance(stored, dict) and set(map(str, stored)) & set(map(str, expected))):
       raise UserError(f"checkpoint {directory} holds no encoder backbone; point {field} to a finished run")
     nnx.replace_by_pure_dict(state, _match(expected, stored, "", directory, model_config))

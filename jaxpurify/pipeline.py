@@ -37,10 +37,19 @@ def _unread_by_earlier_runs(value) -> bool:
   return True
 
 
+def _is_unset(value) -> bool:
+  return value is None
+
+
 # Keys that configs gained after runs were made, by leaf name or by a dotted path: a saved config without one is
-# the same run when the current value does what the code did before the key existed (compute dtype: float32), or
-# when only methods added since read it (the model-repair baselines' held-out split).
-ADDED_KEYS = {"dtype": _computes_in_float32, "baseline.held_out_fraction": _unread_by_earlier_runs}
+# the same run when the current value does what the code did before the key existed (compute dtype: float32; no
+# teacher taps of their own: the student's names), or when only methods added since read it (the model-repair
+# baselines' held-out split; the ViT options, read by ViTs only).
+ADDED_KEYS = {"dtype": _computes_in_float32, "baseline.held_out_fraction": _unread_by_earlier_runs,
+              "model.vit": _unread_by_earlier_runs, "teacher_taps": _is_unset}
+# Defaults that changed their spelling, not their meaning: {dotted key: [(saved value, current value)]} (JSON).
+# T-Core's sift layers became () = the encoder's default depths, which for a ResNet are the listed ones.
+RESPELLED_DEFAULTS = {"tcore.sift.layers": [(["input", "layer1", "layer2", "layer3", "layer4"], [])]}
 
 
 def _other_methods_blocks(config: dict) -> tuple[str, ...]:
@@ -64,7 +73,8 @@ def _added_key_rule(key: str):
 
 def config_differences(previous: dict, current: dict) -> list[str]:
   """The dotted keys whose values differ between two configs (as JSON), except keys the saved one predates that
-  keep its behaviour (ADDED_KEYS) and, in a baseline cell, the blocks of the methods it does not run."""
+  keep its behaviour (ADDED_KEYS), defaults spelled anew (RESPELLED_DEFAULTS) and, in a baseline cell, the blocks
+  of the methods it does not run."""
   a, b = _flatten(previous), _flatten(current)
   unread = _other_methods_blocks(current)
   a, b = ({k: v for k, v in flat.items() if not k.startswith(unread)} for flat in (a, b))
@@ -73,7 +83,11 @@ def config_differences(previous: dict, current: dict) -> list[str]:
     keeps = _added_key_rule(key)
     return key not in a and keeps is not None and keeps(b[key])
 
-  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not predated_and_kept(k))
+  def respelled(key: str) -> bool:
+    return (a.get(key), b.get(key)) in RESPELLED_DEFAULTS.get(key, ())
+
+  return sorted(k for k in a.keys() | b.keys()
+                if a.get(k) != b.get(k) and not predated_and_kept(k) and not respelled(k))
 
 
 def _write_json(path: str, obj) -> None:

@@ -15,6 +15,12 @@ from jaxpurify.errors import UserError
 
 # (key-name pattern, test, what the test asks); the first matching rule decides.
 _RULES = [
+    # the pre-training poisoning attacks (configs/ssl_backdoor.py, configs/corruptencoder.py)
+    (r"object_threshold", lambda v: _int(v) and 0 <= v <= 255, "an integer in 0..255"),
+    (r"train_location|test_location|object_marginal|trigger_marginal", lambda v: _real(v) and 0 <= v <= 1,
+     "in [0, 1]"),
+    (r"area_ratio", lambda v: _real(v) and v >= 1, "a number of at least 1"),
+    (r"poison_rate", lambda v: _real(v) and 0 < v <= 1, "in (0, 1]"),
     (r"warmup_epochs|every_epochs|l2_await|l2_ramp|max_steps|max_eval_examples|mock_examples|fixed_point_iters",
      lambda v: _int(v) and v >= 0, "an integer of at least 0"),
     (r".*epochs|.*batch_size|log_every|checkpoint_every|keep_checkpoints|steps_per_stage|seeds_per_class|"
@@ -89,6 +95,30 @@ def check_dtypes(config) -> None:
       raise UserError(f"unknown compute dtype {value!r}; set config.{key} to one of {', '.join(DTYPES)}")
 
 
+def check_vits(config) -> None:
+  """Every ViT options block (`<...>.vit`, beside a model's `name`): a patch of at least 1 that divides
+  vit.image_size and a known pooling, checked whatever the model; where the model is a ViT, an image size equal
+  to the data's (config.data.image_size)."""
+  from jaxpurify.models import is_vit  # pylint: disable=g-import-not-at-top
+  from jaxpurify.models.vit import POOLS  # pylint: disable=g-import-not-at-top
+  leaves = dict(_leaves(config))
+  data_size = leaves.get("data.image_size")
+  for key, patch in leaves.items():
+    if not (key == "vit.patch" or key.endswith(".vit.patch")):
+      continue
+    prefix = key[:-len("vit.patch")]
+    size, pool = leaves[f"{prefix}vit.image_size"], leaves[f"{prefix}vit.pool"]
+    if not _int(patch) or patch < 1 or not _int(size) or size < 1 or size % patch:
+      raise UserError(f"config.{prefix}vit.patch={patch!r} does not divide config.{prefix}vit.image_size={size!r}; "
+                      f"set the patch to a divisor of the image size")
+    if pool not in POOLS:
+      raise UserError(f"unknown ViT pooling {pool!r}; set config.{prefix}vit.pool to one of {', '.join(POOLS)}")
+    name = leaves.get(f"{prefix}name")
+    if isinstance(name, str) and is_vit(name) and data_size is not None and size != data_size:
+      raise UserError(f"config.{prefix}vit.image_size={size} differs from config.data.image_size={data_size}; set "
+                      f"--config.{prefix}vit.image_size={data_size}")
+
+
 def check_train_batches(config) -> None:
   """Every training block's batch (`<...>.train.batch_size`) and the evaluation's split evenly over the devices."""
   devices = jax.device_count()
@@ -109,8 +139,9 @@ def check_fits(config, key: str, num_examples: int, what: str) -> None:
 
 
 def check(config) -> None:
-  """The rules above, the optimisers, the compute dtypes and the device split of every batch."""
+  """The rules above, the optimisers, the compute dtypes, the ViT options and the device split of every batch."""
   check_ranges(config)
   check_optimizers(config)
   check_dtypes(config)
+  check_vits(config)
   check_train_batches(config)

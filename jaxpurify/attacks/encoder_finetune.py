@@ -4,6 +4,11 @@ target class's references while clean inputs keep the clean encoder's embedding 
 Only the backbone's convolution weights train: BatchNorm runs in inference mode with its statistics and
 affine parameters frozen, and the projection head is not part of the state. The clean encoder's features
 of the (un-augmented) shadow images and references are constants, computed once before training.
+
+A ViT has no BatchNorm, and every one of its parameters trains, LayerNorm scales and biases included (our choice:
+the papers attack ResNets only). What BadEncoder freezes is the normalisation that statistics of the clean
+pre-training data fixed (running means and variances, and the affine parameters fitted to them); a LayerNorm
+normalises each token by itself and keeps no statistics, so there is nothing of the kind to protect.
 """
 
 import jax
@@ -21,7 +26,7 @@ EPOCH_MEANS = ("l0", "l1", "l2")  # DRUPE's cost update reads these epoch means 
 
 
 def trainable_mask(encoder: Encoder):
-  """A tree of bools over encoder.params: False for every BatchNorm scale and bias."""
+  """A tree of bools over encoder.params: False for every BatchNorm scale and bias (all True for a ViT)."""
   model = nnx.merge(encoder.graphdef, encoder.params, encoder.batch_stats)
   batch_norms = {tuple(path) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)}
 

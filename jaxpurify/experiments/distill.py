@@ -19,6 +19,7 @@ from jaxpurify.defenses.distill import training
 from jaxpurify.errors import UserError
 from jaxpurify.evaluation import PROTOCOLS
 from jaxpurify.experiments import encoder_attack, pretrain
+from jaxpurify.losses.distillation import grids_match
 from jaxpurify.pipeline import Run, config_value, derived_config, link_stages
 from jaxpurify.ssl import METHODS
 from jaxpurify.train.metrics import read_metrics
@@ -72,25 +73,40 @@ def check(config) -> None:
 
 
 def _check_taps(config, student, teacher) -> None:
-  """The compared taps exist in both encoders, one weight each, channels equal where the loss needs it, and
-  feature sizes equal where the clone term compares them."""
+  """The compared taps exist in their encoders and pair up one to one, one weight each; channels equal and grids
+  dividing one another where the loss needs it; feature sizes equal where the clone term compares them."""
   loss, size = config.defense.loss, config.data.image_size
-  (student_dim, student_taps), (teacher_dim, teacher_taps) = (models.describe(student, size),
-                                                              models.describe(teacher, size))
-  taps = distill_step.loss_taps(loss, tuple(student_taps))
-  for what, known in (("student", student_taps), ("teacher", teacher_taps)):
-    if missing := [tap for tap in taps if tap not in known]:
+  (student_dim, student_shapes), (teacher_dim, teacher_shapes) = (models.describe(student, size),
+                                                                  models.describe(teacher, size))
+  taps = distill_step.loss_taps(loss, tuple(student_shapes))
+  teacher_taps = distill_step.teacher_loss_taps(loss, taps, tuple(teacher_shapes))
+  for what, field, wanted, known in (("student", "taps", taps, student_shapes),
+                                     ("teacher", "teacher_taps", teacher_taps, teacher_shapes)):
+    if missing := [tap for tap in wanted if tap not in known]:
       raise UserError(f"the {what} encoder has no tap {', '.join(missing)} (its taps: {', '.join(known)}); set "
-                      "config.defense.loss.taps to taps of both encoders")
+                      f"config.defense.loss.{field} to taps of the {what}")
+  if len(teacher_taps) != len(taps):
+    raise UserError(f"the student's taps ({', '.join(taps)}) and the teacher's ({', '.join(teacher_taps)}) pair in "
+                    "order but differ in number; set config.defense.loss.taps and config.defense.loss.teacher_taps to "
+                    "lists of one length")
   if loss.layer_weights is not None and len(loss.layer_weights) != len(taps):
     raise UserError(f"config.defense.loss.layer_weights has {len(loss.layer_weights)} weights for {len(taps)} taps "
                     f"({', '.join(taps)}): give one per tap")
   tap_weights, clone_weight = distill_step.loss_weights(loss, taps)
-  if distill_step.SWITCHES[loss.name].same_channels and any(
-      student_taps[t][-1] != teacher_taps[t][-1] for t, w in tap_weights.items() if w):
-    raise UserError(f"loss {loss.name!r} compares maps channel by channel, but the student ({student.name}, width "
-                    f"{student.width}) and the teacher ({teacher.name}, width {teacher.width}) differ in channels; "
-                    "use loss 'at' or 'sp', or the same architecture")
+  switch = distill_step.SWITCHES[loss.name]
+  for tap, teacher_tap in zip(taps, teacher_taps):
+    if not tap_weights[tap]:
+      continue
+    s_shape, t_shape = student_shapes[tap], teacher_shapes[teacher_tap]
+    if switch.same_channels and s_shape[-1] != t_shape[-1]:
+      raise UserError(f"loss {loss.name!r} compares maps channel by channel, but the student's {tap} ({s_shape[-1]} "
+                      f"channels) and the teacher's {teacher_tap} ({t_shape[-1]}) differ in channels (student "
+                      f"{student.name} width {student.width}, teacher {teacher.name} width {teacher.width}); use loss "
+                      "'at' or 'sp', or taps of equal channels")
+    if not switch.any_grid and not grids_match((1, *s_shape), (1, *t_shape)):
+      raise UserError(f"loss {loss.name!r} compares the student's {tap} on a {s_shape[0]}x{s_shape[1]} grid with the "
+                      f"teacher's {teacher_tap} on {t_shape[0]}x{t_shape[1]}, and neither grid divides the other; pair "
+                      "other taps (config.defense.loss.taps, teacher_taps) or use loss 'sp'")
   if clone_weight and student_dim != teacher_dim:
     raise UserError(f"the clone term (config.defense.loss.clone_weight) compares final features, but the student's "
                     f"have {student_dim} dimensions and the teacher's {teacher_dim}; set the clone weight to 0 or use "

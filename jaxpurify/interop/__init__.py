@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxpurify.errors import UserError
 from jaxpurify.interop import keymaps, safetensors, torchfile
-from jaxpurify.models import build_encoder
+from jaxpurify.models import build_encoder, is_vit
 
 SUFFIXES = (".pth", ".pt", ".tar", ".safetensors")
 
@@ -45,7 +45,10 @@ def load_torch(path: str, model: str = "resnet18", width: int = 64, import_map: 
 
   import_map: 'auto' (detected from the key names), 'badencoder', 'torchvision', 'ctrl' or 'STYLE:PREFIX' (keymaps).
   Every problem (missing file, refused pickle global, damaged file, keys or shapes of another architecture) is a
-  UserError of one line."""
+  UserError of one line. The key maps are ResNets'; a ViT `model` is a UserError."""
+  if is_vit(model):
+    raise UserError(f"{path}: PyTorch checkpoints import into the ResNets only, not {model}; set config.model.name "
+                    "to the file's ResNet, or pre-train the ViT here (configs/simclr.py:encoder=" + model + ")")
   chosen = keymaps.parse(import_map)
   state_dict = read_state_dict(path)
   chosen = chosen or keymaps.detect(state_dict, path)
@@ -61,7 +64,10 @@ def state_dict(backbone: nnx.Module, import_map: str, head: nnx.Module | None = 
                batches: int = 0) -> dict[str, np.ndarray]:
   """A jaxpurify ResNet as {torch key: array}, the keys of the PyTorch model `import_map` names (not 'auto');
   `head` (a ProjectionHead) is written too where that model has one (badencoder: `g.*`), else left out;
-  `batches` fills BatchNorm's num_batches_tracked."""
+  `batches` fills BatchNorm's num_batches_tracked. A ViT (no key map) is a UserError."""
+  if not hasattr(backbone, "conv_bn_pairs"):
+    raise UserError(f"export writes ResNets only; this run's encoder is a {type(backbone).__name__}, for which no "
+                    "PyTorch key map exists (its arrays are in the run's orbax checkpoint)")
   chosen = keymaps.parse(import_map)
   if chosen is None:
     raise UserError("export needs an explicit map; pass --map badencoder, torchvision or ctrl")

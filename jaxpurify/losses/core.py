@@ -16,6 +16,7 @@ def all_rows(z: jax.Array) -> jax.Array:
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps) along `axis`, as torch.nn.functional.normalize."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  """x / max(||x||, eps) along `axis`, as torch.nn.functional.normalize; finite gradient at x = 0 (I / eps, as
+  torch's), where sqrt's derivative would make it NaN."""
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), eps * eps))
+  return x / norm

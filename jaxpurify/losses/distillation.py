@@ -6,6 +6,10 @@ NHWC, [B, H, W, C]; PyTorch's channel axis 1 is the last axis here. Every teache
 `stop_gradient`. Batch axes may be row-sharded over a mesh axis: the two losses that pair rows of the batch
 (`correlation_congruence`, `similarity_preserving`) gather them with `all_rows`; the others only reduce over rows.
 
+Maps on two grids (a ResNet stage against a ViT block, distillation.md and docs/vit.md): `attention_transfer`
+area-averages the finer of the two attention maps onto the coarser grid; the channel-wise losses take maps of one
+shape, which `match_grids` (area pooling of the finer feature map) makes of two grids, one dividing the other.
+
 AT's and AFD's spatial norms are torch's: their gradient is 0 where the norm is 0 (e.g. a dead channel), where a
 plain jnp.sqrt's would be NaN.
 """
@@ -41,24 +45,56 @@ def _norm0(x: jax.Array, axis) -> jax.Array:
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
 
 
-def _attention_map(f: jax.Array, p: float, eps: float = 1e-6) -> jax.Array:
-  """[B, H, W, C] -> [B, H, W]: a = Σ_c |F|^p, divided per sample by (||a||₂ over (H, W) + eps)."""
-  a = jnp.sum(jnp.abs(f) ** p, axis=-1)
+def grids_match(shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> bool:
+  """Whether two maps' grids (axes 1 and 2 of [B, H, W, ...]) can be brought together: each side of the coarser
+  grid divides the finer one's."""
+  return all(max(a, b) % min(a, b) == 0 for a, b in zip(shape_a[1:3], shape_b[1:3]))
+
+
+def area_pool(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """[B, H, W, ...] -> [B, h, w, ...]: the mean of each (H/h) x (W/w) block; h must divide H and w divide W. The
+  input itself when it is already on `grid`. A strided window sum (not a reshape), so a batch sharded over a mesh
+  with explicit axes keeps its sharding."""
+  _, height, width, *rest = x.shape
+  h, w = grid
+  if (height, width) == (h, w):
+    return x
+  if height % h or width % w:
+    raise ValueError(f"area_pool needs a grid dividing {(height, width)}, got {grid}")
+  window = (1, height // h, width // w, *(1 for _ in rest))
+  return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "VALID") / (window[1] * window[2])
+
+
+def match_grids(f_student: jax.Array, f_teacher: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Both maps [B, H, W, ...] on the coarser of their grids, the finer one area-pooled (`area_pool`)."""
+  grid = tuple(min(a, b) for a, b in zip(f_student.shape[1:3], f_teacher.shape[1:3]))
+  return area_pool(f_student, grid), area_pool(f_teacher, grid)
+
+
+def _attention_map(f: jax.Array, p: float) -> jax.Array:
+  """[B, H, W, C] -> [B, H, W]: a = Σ_c |F|^p."""
+  return jnp.sum(jnp.abs(f) ** p, axis=-1)
+
+
+def _normalized(a: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """An attention map [B, H, W] divided per sample by (||a||₂ over (H, W) + eps)."""
   return a / (_norm0(a, axis=(1, 2)) + eps)
 
 
 def attention_transfer(f_student: jax.Array, f_teacher: jax.Array, p: float = 2) -> jax.Array:
   """Attention transfer, NAD / AberHu form (`at.py` `AT(p)`), a scalar.
 
-  f_student [B, H, W, Cs], f_teacher [B, H, W, Ct] (channel counts may differ).
-  a(F) = Σ_c |F_c|^p [B, H, W]; â(F) = a(F) / (||a(F)||₂ over (H, W) + 1e-6), per sample;
-  loss = mean over (b, h, w) of (â(Fs) − â(Ft))². Not RepDistiller's `Attention` (mean over c, flattened).
+  f_student [B, H, W, Cs], f_teacher [B, H', W', Ct] (channel counts may differ; grids too, one dividing the
+  other). a(F) = Σ_c |F_c|^p [B, H, W]; on two grids the finer a is area-averaged onto the coarser grid
+  (`match_grids`); â = a / (||a||₂ over (H, W) + 1e-6), per sample; loss = mean over (b, h, w) of (â(Fs) − â(Ft))².
+  Not RepDistiller's `Attention` (mean over c, flattened).
   """
   _check_shapes("attention_transfer", f_student.ndim == f_teacher.ndim == 4
-                and f_student.shape[:3] == f_teacher.shape[:3], "maps [B, H, W, C] that agree on B, H and W",
-                f_student, f_teacher)
+                and f_student.shape[0] == f_teacher.shape[0] and grids_match(f_student.shape, f_teacher.shape),
+                "maps [B, H, W, C] that agree on B, on grids one dividing the other", f_student, f_teacher)
   f_student, f_teacher = _student_teacher(f_student, f_teacher)
-  return jnp.mean(jnp.square(_attention_map(f_student, p) - _attention_map(f_teacher, p)))
+  a_student, a_teacher = match_grids(_attention_map(f_student, p), _attention_map(f_teacher, p))
+  return jnp.mean(jnp.square(_normalized(a_student) - _normalized(a_teacher)))
 
 
 def fitnet(f_student: jax.Array, f_teacher: jax.Array) -> jax.Array:

@@ -26,7 +26,8 @@ class TrainState:
 
 
 SCHEDULES = ("constant", "cosine")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "adamw")
+NO_DECAY_NAMES = ("pos_embed", "cls_token")  # timm's VisionTransformer.no_weight_decay()
 
 
 def learning_rate(optim, num_steps: int, steps_per_epoch: int = 1):
@@ -42,10 +43,22 @@ def learning_rate(optim, num_steps: int, steps_per_epoch: int = 1):
                   f"{', '.join(SCHEDULES)}")
 
 
+def decays(params):
+  """AdamW's weight-decay mask over `params` (timm's rule): True for weight matrices and convolution kernels,
+  False for every leaf of at most one dimension (biases, LayerNorm and BatchNorm scales) and for a ViT's
+  position embeddings and class token."""
+  def decayed(path, leaf):
+    names = {getattr(k, "key", None) for k in path}
+    return leaf.ndim >= 2 and not names & set(NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(optim, num_steps: int = 0, steps_per_epoch: int = 1,
                    trainable=None) -> optax.GradientTransformation:
-  """optim: name ('adam' | 'sgd'), lr, weight_decay (coupled: added to the gradient, as torch does), momentum,
-  and optionally schedule ('constant' | 'cosine') and warmup_epochs.
+  """optim: name ('adam' | 'sgd' | 'adamw'), lr, weight_decay, momentum, and optionally schedule
+  ('constant' | 'cosine') and warmup_epochs. adam and sgd couple the weight decay (added to the gradient, as
+  torch does); adamw decouples it (torch's AdamW: params -= lr * weight_decay * params, beside Adam's step) and
+  decays only the leaves `decays` marks.
 
   trainable: a pytree of bools shaped like the params (or a function params -> such a tree); False leaves
   get zero updates and no weight decay (frozen). None trains everything.
@@ -55,9 +68,11 @@ def make_optimizer(optim, num_steps: int = 0, steps_per_epoch: int = 1,
     base = optax.adam(lr)
   elif optim.name == "sgd":
     base = optax.sgd(lr, momentum=optim.momentum or None)
+  elif optim.name == "adamw":
+    base = optax.adamw(lr, weight_decay=optim.weight_decay, mask=decays)
   else:
-    raise UserError(f"unknown optimizer {optim.name!r}; set config.optim.name to 'adam' or 'sgd'")
-  if optim.weight_decay:
+    raise UserError(f"unknown optimizer {optim.name!r}; set config.optim.name to one of {', '.join(OPTIMIZERS)}")
+  if optim.weight_decay and optim.name != "adamw":
     base = optax.chain(optax.add_decayed_weights(optim.weight_decay), base)
   if trainable is None:
     return base

@@ -19,6 +19,7 @@ from jaxpurify.errors import UserError
 # extended` (7-23 s each on 2 cores), as the sharded bfloat16 test; the default run checks the models' dtypes.
 STEPS = {
     "simclr": "simclr:tiny",
+    "simclr_vit": "simclr:encoder=vit_tiny,tiny",
     "moco": "moco:tiny",
     "byol": "byol:tiny",
     "badencoder": "badencoder:tiny",
@@ -126,6 +127,22 @@ def test_models_compute_in_bfloat16_and_return_float32():
   assert {leaf.dtype for leaf in jax.tree.leaves(states)} == {jnp.dtype(jnp.float32)}
   assert "convolution" in hlo and "bf16" in hlo
   assert "bf16" not in lowered("float32")[2]
+
+
+def test_vit_computes_in_bfloat16_near_float32():
+  """A tiny ViT (2 blocks, D 8, 16x16 images) with bfloat16 matmuls on the float32 parameters of the float32 one:
+  float32 parameters, feature and taps, within bfloat16's precision of the float32 model's."""
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  vits = [models.ViT(2, 2, 4, patch=4, image_size=16, dtype=dtype, rngs=nnx.Rngs(0))
+          for dtype in (jnp.float32, jnp.bfloat16)]
+  forward = nnx.jit(lambda vits, x: [vit(x) for vit in vits])
+  (f32, taps32), (b16, taps16) = forward(vits, x)
+  assert "bf16" in forward.lower(vits, x).lowered.as_text()
+  assert {t.dtype for t in (b16, *taps16.values())} == {jnp.dtype(jnp.float32)}
+  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(vits[1]))} == {jnp.dtype(jnp.float32)}
+  np.testing.assert_allclose(b16, f32, rtol=5e-2, atol=5e-2)
+  np.testing.assert_allclose(taps16["block2"], taps32["block2"], rtol=5e-2, atol=5e-2)
+  assert not np.array_equal(b16, f32)
 
 
 def test_auto_is_float32_on_cpu_and_bfloat16_on_accelerators(monkeypatch):

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 from absl.testing import absltest
+from ml_collections import config_dict
 
 from configs import simclr as simclr_config
 from helpers import assert_trees_close
@@ -75,6 +76,35 @@ class TrainTest(absltest.TestCase):
     self.assertEqual(batch["image"].sharding.spec[0], "data")
     self.assertEqual(batch["image"].addressable_shards[0].data.shape, (2, 1, 1, 3))
     np.testing.assert_array_equal(np.asarray(dataset.batch(2)["label"]), dataset.indices(2))
+
+  def test_adamw_decays_weight_matrices_only_and_not_frozen_leaves(self):
+    """One AdamW step by hand (optax's bias-corrected first step is lr * g / (|g| + eps), ~ lr * sign(g)) plus the
+    decoupled decay lr * wd * p on kernels only: biases, LayerNorm scales, the position embeddings and class token
+    get none, and a frozen kernel neither moves nor decays."""
+    rng = np.random.default_rng(0)
+    shapes = {"fc": {"kernel": (3, 4), "bias": (4,)}, "norm": {"scale": (4,)}, "pos_embed": (1, 5, 4),
+              "cls_token": (1, 1, 4), "frozen": {"kernel": (2, 2)}}
+    params = jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes,
+                          is_leaf=lambda s: isinstance(s, tuple))
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    lr, wd = 0.1, 0.5
+    trainable = jax.tree_util.tree_map_with_path(lambda path, _: path[0].key != "frozen", params)
+    tx = make_optimizer(config_dict.ConfigDict(dict(name="adamw", lr=lr, weight_decay=wd, momentum=0.0)),
+                        trainable=trainable)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    decayed = {("fc", "kernel")}
+    for path, update in jax.tree_util.tree_leaves_with_path(updates):
+      keys = tuple(k.key for k in path)
+      p, g = _leaf(params, keys), _leaf(grads, keys)
+      expected = (np.zeros_like(p) if keys[0] == "frozen" else
+                  -lr * g / (np.abs(g) + 1e-8) - (lr * wd * p if keys in decayed else 0))
+      np.testing.assert_allclose(update, expected, rtol=1e-5, atol=2e-6, err_msg=str(keys))
+
+
+def _leaf(tree, keys):
+  for key in keys:
+    tree = tree[key]
+  return tree
 
 
 if __name__ == "__main__":

@@ -165,8 +165,16 @@ def distill_training(config, teacher: Encoder, student, images: np.ndarray, mesh
                   out_shardings=parallel.replicated(mesh))(params, batch_stats)
   constants = parallel.put_replicated({"teacher": {"params": teacher.params, "batch_stats": teacher.batch_stats}},
                                       mesh)
-  student_taps = nnx.merge(graphdef, params, batch_stats).backbone.tap_names
-  taps = distill_step.loss_taps(defense.loss, student_taps)
-  step = jax.jit(distill_step.make_step(graphdef, teacher.graphdef, tx, config, dataset.steps_per_epoch, taps),
-                 donate_argnums=0)
+  taps, teacher_taps = compared_taps(config, nnx.merge(graphdef, params, batch_stats).backbone, teacher)
+  step = jax.jit(distill_step.make_step(graphdef, teacher.graphdef, tx, config, dataset.steps_per_epoch, taps,
+                                        teacher_taps), donate_argnums=0)
   return state, step, dataset, lambda s: dataset.batch(s) | constants, num_steps
+
+
+def compared_taps(config, student_backbone, teacher: Encoder) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """-> (the student's taps, the teacher's paired in order) the map losses compare (`distill_step.loss_taps`,
+  `distill_step.teacher_loss_taps`)."""
+  loss = config.defense.loss
+  taps = distill_step.loss_taps(loss, student_backbone.tap_names)
+  teacher_taps = nnx.merge(teacher.graphdef, teacher.params, teacher.batch_stats).tap_names
+  return taps, distill_step.teacher_loss_taps(loss, taps, teacher_taps)

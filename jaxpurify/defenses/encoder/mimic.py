@@ -1,8 +1,9 @@
 """MIMIC (Han et al., TIFS'25; github:wssun/MIMIC, MIMIC.py and models/scheduler.py): the distillation defense's
 successor from the same group. The poisoned encoder itself is the teacher (no fine-tuning), the student starts
 from random weights (no warm-up), and the per-stage attention-transfer weights come from mutual information:
-for each of layer1..layer4 of the freshly initialised student, a Donsker-Varadhan estimate of the MI between the
-stage's map and the final feature (`_mutual_information`), weight_k = base + momentum * MI_k / sum MI; the loss is
+for each compared tap of the freshly initialised student (layer1..layer4 of a ResNet; block3, 6, 9, 12 of a
+12-block ViT: distill's `default_taps`), a Donsker-Varadhan estimate of the MI between the tap's map and the final
+feature (`_mutual_information`), weight_k = base + momentum * MI_k / sum MI; the loss is
 NT-Xent + sum_k weight_k AT_k + clone (the official opt5 = 1). Everything else is the distillation defense's SSL
 recipe (config.defense.ssl: SimCLR views, Adam with weight decay 1e-6, batch), on the same defender subset.
 

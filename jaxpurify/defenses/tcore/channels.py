@@ -6,12 +6,16 @@ UCLC stands out in their layer: channels above mean + u * std of the layer are c
 its BatchNorm scale and bias to 0. "Selective" (a reconstruction): the trusted data choose u, the most pruning
 whose trusted-set score stays within a tolerance of the unpruned encoder's.
 
-Masks are {layer name: keep bool [C]}, layer names as `conv_bn_layers` gives them ("stem", "stage1.block0.conv1",
-"stage2.block0.shortcut", ...). Which conv feeds which BatchNorm is the encoder's to say (`conv_bn_pairs`).
+The prunable layers are the encoder's to say (`prunable_layers`, one `Prunable` record each): a ResNet's convs
+followed by a BatchNorm (`conv_bn_pairs`; pruned through the BatchNorm's scale and bias), a ViT's MLP hidden units
+(`mlp_units`; scored on fc1's kernel with the LayerNorm scale before it folded in, pruned through fc1's kernel
+column and bias: GELU(0) = 0, so the unit adds nothing to fc2). Masks are {layer name: keep bool [C]}, layer names
+as the encoder gives them ("stem", "stage1.block0.conv1", "stage2.block0.shortcut", ...; "block1.mlp", ...).
 """
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +44,7 @@ def uclc(kernel: jax.Array, bn_scale: jax.Array, bn_var: jax.Array, eps: float =
 
 
 def uclc_dense(kernel: jax.Array, bn_scale=None, bn_var=None, eps: float = 1e-5) -> jax.Array:
-  """The linear-layer variant (ViT-style encoders, MLP heads): kernel [C_in, C_out] -> [C_out].
+  """The linear-layer variant (MLP heads, a ViT's MLPs through `mlp_uclc`): kernel [C_in, C_out] -> [C_out].
 
   Neuron k's score is the norm of its incoming weights kernel[:, k] (the largest singular value of a 1 x C_in
   matrix), times |scale_k / sqrt(var_k + eps)| when a BatchNorm (scale, var [C_out]) follows.
@@ -49,6 +53,15 @@ def uclc_dense(kernel: jax.Array, bn_scale=None, bn_var=None, eps: float = 1e-5)
   if bn_scale is not None:
     score = score * jnp.abs(bn_scale / jnp.sqrt(bn_var + eps))
   return score
+
+
+def mlp_uclc(kernel: jax.Array, ln_scale: jax.Array) -> jax.Array:
+  """A pre-norm MLP's hidden units: fc1 kernel W [D, H] and the scale γ [D] of the LayerNorm before it -> [H].
+
+  fc1(LN(x)) = (γ ⊙ x̂) W + (β W + b) with x̂ the normalised input, so the linear map acting on x̂ is diag(γ) W and
+  unit k's score is ‖γ ⊙ W[:, k]‖₂ (`uclc_dense` of diag(γ) W; β and b shift, they do not scale).
+  """
+  return uclc_dense(ln_scale[:, None] * kernel)
 
 
 class ConvBN(NamedTuple):
@@ -91,9 +104,34 @@ def conv_bn_layers(encoder: Encoder) -> list[ConvBN]:
           for name, conv, bn in _pairs(encoder, params)]
 
 
+class Prunable(NamedTuple):
+  """A layer of prunable units. leaves: key paths, into the encoder's pure params, of the arrays whose last axis
+  indexes the units (pruning unit k zeroes [..., k] of each); score: () -> UCLC [C], computed when called."""
+  name: str
+  leaves: tuple[tuple, ...]
+  score: Callable[[], jax.Array]
+
+
+def prunable_layers(encoder: Encoder, eps: float = 0.0) -> list[Prunable]:
+  """The encoder's prunable layers in forward order: a ResNet's conv+BN layers (`conv_bn_layers`: BatchNorm scale
+  and bias; `uclc` with BatchNorm eps `eps`), a ViT's MLP hidden layers (`mlp_units`: fc1's kernel columns and
+  bias; `mlp_uclc`, no eps)."""
+  model = nnx.merge(encoder.graphdef, encoder.params, encoder.batch_stats)
+  if hasattr(model, "conv_bn_pairs"):
+    return [Prunable(layer.name, (layer.bn_path + ("scale",), layer.bn_path + ("bias",)),
+                     functools.partial(uclc, layer.kernel, layer.scale, layer.var, eps))
+            for layer in conv_bn_layers(encoder)]
+  if hasattr(model, "mlp_units"):
+    params = nnx.to_pure_dict(encoder.params)
+    return [Prunable(name, (fc1 + ("kernel",), fc1 + ("bias",)),
+                     functools.partial(mlp_uclc, _get(params, fc1)["kernel"], _get(params, norm)["scale"]))
+            for name, fc1, norm in model.mlp_units()]
+  raise ValueError(f"{type(model).__name__} names no prunable units (conv_bn_pairs or mlp_units); UCLC needs them")
+
+
 def layer_uclc(encoder: Encoder, eps: float = 0.0) -> dict[str, np.ndarray]:
-  """{layer name: UCLC [C]} over conv_bn_layers (eps 0: CLP's code)."""
-  return {layer.name: np.asarray(uclc(layer.kernel, layer.scale, layer.var, eps)) for layer in conv_bn_layers(encoder)}
+  """{layer name: UCLC [C]} over prunable_layers (eps 0: CLP's code)."""
+  return {layer.name: np.asarray(layer.score()) for layer in prunable_layers(encoder, eps)}
 
 
 def threshold_masks(scores: dict[str, np.ndarray], u: float, ddof: int = 1) -> dict[str, np.ndarray]:
@@ -105,47 +143,47 @@ def threshold_masks(scores: dict[str, np.ndarray], u: float, ddof: int = 1) -> d
 
 
 def layer_masks(encoder: Encoder, u: float, ddof: int = 1, eps: float = 0.0) -> dict[str, np.ndarray]:
-  """CLP's rule on every conv+BN layer of the encoder: {layer name: keep bool [C]}."""
+  """CLP's rule on every prunable layer of the encoder: {layer name: keep bool [C]}."""
   return threshold_masks(layer_uclc(encoder, eps), u, ddof)
 
 
-def _checked(pairs, masks: dict[str, np.ndarray], params: dict) -> list[tuple[tuple, np.ndarray]]:
-  """[(BN path, keep bool [C])] of the masked layers; unknown layer names or wrong lengths raise."""
-  paths = {name: bn for name, _, bn in pairs}
-  if unknown := sorted(set(masks) - set(paths)):
+def _checked(encoder: Encoder, masks: dict[str, np.ndarray], params: dict) -> list[tuple[tuple, np.ndarray]]:
+  """[(leaf paths, keep bool [C])] of the masked layers; unknown layer names or wrong lengths raise."""
+  layers = {layer.name: layer.leaves for layer in prunable_layers(encoder)}
+  if unknown := sorted(set(masks) - set(layers)):
     raise ValueError(f"channel masks name unknown layers {unknown}")
   out = []
   for name, keep in masks.items():
-    keep, want = np.asarray(keep, bool), np.shape(_get(params, paths[name])["scale"])
+    keep, want = np.asarray(keep, bool), np.shape(_get(params, layers[name][0]))[-1:]
     if keep.shape != want:
       raise ValueError(f"channel mask of {name} has shape {keep.shape}, the layer {want}")
-    out.append((paths[name], keep))
+    out.append((layers[name], keep))
   return out
 
 
 def apply_masks(encoder: Encoder, masks: dict[str, np.ndarray]) -> Encoder:
-  """A new Encoder whose pruned channels (False in `masks`) have BatchNorm scale and bias 0; the input encoder
-  is left untouched."""
+  """A new Encoder whose pruned units (False in `masks`) are zeroed in their layer's leaves (a conv+BN: BatchNorm
+  scale and bias; a ViT MLP: fc1's kernel column and bias); the input encoder is left untouched."""
   params = nnx.to_pure_dict(encoder.params)  # fresh dicts, so assigning into them leaves the input alone
-  for bn_path, keep in _checked(_pairs(encoder, params), masks, params):
-    bn = _get(params, bn_path)
-    bn["scale"] = bn["scale"] * jnp.asarray(keep, bn["scale"].dtype)
-    bn["bias"] = bn["bias"] * jnp.asarray(keep, bn["bias"].dtype)
+  for leaves, keep in _checked(encoder, masks, params):
+    for path in leaves:
+      parent = _get(params, path[:-1])
+      parent[path[-1]] = parent[path[-1]] * jnp.asarray(keep, parent[path[-1]].dtype)
   state = jax.tree.map(lambda x: x, encoder.params)  # new Variables
   nnx.replace_by_pure_dict(state, params)
   return Encoder(encoder.graphdef, state, encoder.batch_stats)
 
 
 def param_mask(encoder: Encoder, masks: dict[str, np.ndarray]):
-  """-> a tree like encoder.params of float32 multipliers: the keep mask [C] on the BatchNorm scale and bias of
-  layers with pruned channels, 1.0 elsewhere. Multiplying the params by it after every update keeps the pruned
-  channels at 0 (`finetune.finetune_training(..., encoder_mask=...)`)."""
+  """-> a tree like encoder.params of float32 multipliers: the keep mask [C] on the leaves of layers with pruned
+  units (broadcast along their last axis), 1.0 elsewhere. Multiplying the params by it after every update keeps
+  the pruned units at 0 (`finetune.finetune_training(..., encoder_mask=...)`)."""
   multipliers = jax.tree.map(lambda _: jnp.ones((), jnp.float32), encoder.params)
   pure, params = nnx.to_pure_dict(multipliers), nnx.to_pure_dict(encoder.params)
-  for bn_path, keep in _checked(_pairs(encoder, params), masks, params):
+  for leaves, keep in _checked(encoder, masks, params):
     if not keep.all():
-      bn = _get(pure, bn_path)
-      bn["scale"] = bn["bias"] = jnp.asarray(keep, jnp.float32)
+      for path in leaves:
+        _get(pure, path[:-1])[path[-1]] = jnp.asarray(keep, jnp.float32)
   nnx.replace_by_pure_dict(multipliers, pure)
   return multipliers
 
@@ -182,7 +220,7 @@ def select_masks(encoder: Encoder, rule: str, u: float, u_grid, acc_tol: float, 
 
 
 def filter_stage(run, config, encoder: Encoder, images, labels, trusted: np.ndarray, mesh):
-  """Stage tcore_filter: the channel masks of the encoder's conv+BN layers -> ({layer: keep bool [C]}, record)."""
+  """Stage tcore_filter: the unit masks of the encoder's prunable layers -> ({layer: keep bool [C]}, record)."""
   if (record := run.done("tcore_filter")) is not None:
     return {k: np.array(v, bool) for k, v in record["masks"].items()}, record
   f = config.tcore.filter

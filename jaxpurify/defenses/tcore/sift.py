@@ -25,6 +25,23 @@ def depths(encoder: Encoder) -> tuple[str, ...]:
   return EXTRA_DEPTHS + tuple(nnx.merge(encoder.graphdef, encoder.params, encoder.batch_stats).tap_names)
 
 
+DEFAULT_TAPS = 4  # taps read by default; an encoder with more gives every (taps / 4)-th, ending at the last
+
+
+def default_layers(encoder: Encoder) -> tuple[str, ...]:
+  """The depths sifting reads when config.tcore.sift.layers is empty: 'input' and DEFAULT_TAPS of the encoder's
+  taps, evenly spaced and ending at the last (a ResNet: its stages layer1..layer4; a 12-block ViT: block3, block6,
+  block9, block12, each the mean of the block's patch tokens); all taps when it has fewer."""
+  taps = depths(encoder)[len(EXTRA_DEPTHS):]
+  count = min(len(taps), DEFAULT_TAPS)
+  return ("input",) + tuple(taps[(i + 1) * len(taps) // count - 1] for i in range(count))
+
+
+def resolve_layers(encoder: Encoder, configured) -> tuple[str, ...]:
+  """config.tcore.sift.layers, or `default_layers` when it is empty."""
+  return tuple(configured) or default_layers(encoder)
+
+
 @functools.lru_cache(maxsize=16)
 def _forward(graphdef, mean: tuple, std: tuple, layers: tuple[str, ...]):
   """One jitted inference forward per (architecture, normalisation, layers): uint8 [B, H, W, 3] sharded along
@@ -129,32 +146,36 @@ def check(seeds_per_class: int, labels: np.ndarray, num_classes: int) -> None:
                     f"{seeds_per_class}; lower config.tcore.sift.seeds_per_class")
 
 
-def check_layers(encoder: Encoder, layers) -> None:
-  """UserError unless `layers` names one or more of the encoder's depths."""
+def check_layers(encoder: Encoder, names) -> None:
+  """UserError unless `names` names one or more of the encoder's depths."""
   known = depths(encoder)
-  unknown = [layer for layer in layers if layer not in known]
-  if unknown or not layers:
+  unknown = [name for name in names if name not in known]
+  if unknown or not names:
     problem = f"unknown depth(s) {', '.join(map(str, unknown))}" if unknown else "no depth"
-    raise UserError(f"config.tcore.sift.layers names {problem}; set it to one or more of {', '.join(known)}")
+    raise UserError(f"config.tcore.sift.layers names {problem}; set it to one or more of {', '.join(known)}, "
+                    f"or to () for the encoder's default")
 
 
 def sift(encoder: Encoder, model_config, images: np.ndarray, labels: np.ndarray, num_classes: int, sift_config,
          batch_size: int, mesh) -> dict:
   """uint8 images [N, H, W, 3], labels [N] -> {'seeds': sorted indices, 'rank', 'margin': [L, N] at the L depths
-  sift_config.layers, 'primary', 'secondary': [N] (see sift_scores)}.
+  'layers', 'primary', 'secondary': [N] (see sift_scores)}.
 
-  sift_config: layers (names from `depths(encoder)`), aggregate ('sum' | 'max'), seeds_per_class, chunk_rows.
+  sift_config: layers (names from `depths(encoder)`; empty: `default_layers`), aggregate ('sum' | 'max'),
+  seeds_per_class, chunk_rows.
   """
-  check_layers(encoder, sift_config.layers)
+  names = resolve_layers(encoder, sift_config.layers)
+  check_layers(encoder, names)
   labels = np.asarray(labels)
   check(sift_config.seeds_per_class, labels, num_classes)
-  features = depth_features(encoder, model_config, images, batch_size, mesh, tuple(sift_config.layers))
+  features = depth_features(encoder, model_config, images, batch_size, mesh, names)
   device_labels = parallel.put_replicated(labels.astype(np.int32), mesh)
   ranks, margins = zip(*(neighbour_ranks(f, device_labels, sift_config.chunk_rows) for f in features))
   ranks, margins = np.stack(jax.device_get(ranks)), np.stack(jax.device_get(margins))
   primary, secondary = sift_scores(ranks, margins, sift_config.aggregate)
   seeds = select_seeds(primary, secondary, labels, sift_config.seeds_per_class, num_classes)
-  return {"seeds": seeds, "rank": ranks, "margin": margins, "primary": primary, "secondary": secondary}
+  return {"seeds": seeds, "rank": ranks, "margin": margins, "primary": primary, "secondary": secondary,
+          "layers": names}
 
 
 def seeds_stage(run, config, encoder: Encoder, images, labels, num_classes: int, mesh) -> np.ndarray:
@@ -171,6 +192,6 @@ def seeds_stage(run, config, encoder: Encoder, images, labels, num_classes: int,
     out = sift(encoder, config.model, images, labels, num_classes, block, config.evaluate.batch_size, mesh)
     seeds = np.asarray(out["seeds"], dtype=np.int64)
     np.savez(os.path.join(run.stage_dir("tcore_sift"), "ranks.npz"), rank=out["rank"], margin=out["margin"])
-    record = {"seeds": seeds.tolist(), "method": "topology", "layers": list(block.layers)}
+    record = {"seeds": seeds.tolist(), "method": "topology", "layers": list(out["layers"])}
   run.finish("tcore_sift", record)
   return seeds

@@ -13,6 +13,7 @@ from absl.testing import absltest, parameterized
 
 from jaxpurify.losses import (afd, attention_transfer, correlation_congruence, feature_clone, fitnet, kd,
                               similarity_preserving)
+from jaxpurify.losses.distillation import area_pool, grids_match, match_grids
 
 
 def _nchw(f):
@@ -145,6 +146,29 @@ class HandComputedTest(absltest.TestCase):
     one = np.array([[[[1.0], [0.0]]]], np.float32)
     self.assertAlmostEqual(float(attention_transfer(one, one[:, :, ::-1])), 1 / (1 + 1e-6) ** 2, places=6)
 
+  def test_attention_transfer_on_two_grids(self):
+    # A ResNet stage [B, 8, 8, C] against a ViT block [B, 4, 4, C']: the finer attention map Σ_c F² is averaged
+    # over 2x2 blocks, then both are normalised per sample, whichever side (student or teacher) is the finer.
+    fine, coarse = _maps(0, h=8, w=8, c=3), _maps(1, c=5)
+
+    def normalized(a):
+      return a / (np.sqrt(np.sum(a * a, axis=(1, 2), keepdims=True)) + 1e-6)
+
+    a_fine = np.sum(np.float64(fine) ** 2, axis=-1).reshape(4, 4, 2, 4, 2).mean(axis=(2, 4))
+    a_coarse = np.sum(np.float64(coarse) ** 2, axis=-1)
+    expected = np.mean((normalized(a_fine) - normalized(a_coarse)) ** 2)
+    self.assertAlmostEqual(float(attention_transfer(fine, coarse)), expected, places=6)
+    self.assertAlmostEqual(float(attention_transfer(coarse, fine)), expected, places=6)
+
+  def test_match_grids(self):
+    # The channel-wise losses see the finer feature map area-pooled: FitNet of [4, 8, 8, 3] against [4, 4, 4, 3].
+    fine, coarse = _maps(0, h=8, w=8), _maps(1)
+    pooled = np.float64(fine).reshape(4, 4, 2, 4, 2, 3).mean(axis=(2, 4))
+    self.assertAlmostEqual(float(fitnet(*match_grids(fine, coarse))), np.mean((pooled - coarse) ** 2), places=6)
+    self.assertIs(area_pool(coarse, (4, 4)), coarse)
+    self.assertTrue(grids_match(fine.shape, coarse.shape) and grids_match((1, 4, 2), (1, 2, 8)))
+    self.assertFalse(grids_match((1, 6, 6), (1, 4, 4)))
+
   def test_correlation_congruence(self):
     # δ rows (1, 0), (1, 1), (0, 2) at one position: pairs give 1 and 2, mean over B - 1 = 2 -> 1.5.
     delta = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]], np.float32).reshape(3, 1, 1, 2)
@@ -196,8 +220,10 @@ class HandComputedTest(absltest.TestCase):
     fs, wide = _maps(0), _maps(1, c=5)
     with self.assertRaisesRegex(ValueError, "same C"):
       jax.jit(afd)(fs, wide, jax.random.key(0))
-    with self.assertRaisesRegex(ValueError, "agree on B, H and W"):
-      attention_transfer(fs, _maps(1, h=2))
+    with self.assertRaisesRegex(ValueError, "grids one dividing the other"):
+      attention_transfer(fs, _maps(1, h=3))
+    with self.assertRaisesRegex(ValueError, "agree on B"):
+      attention_transfer(fs, fs[:2])
     for loss in (fitnet, correlation_congruence, kd):
       with self.assertRaisesRegex(ValueError, "one shape"):
         loss(fs, wide)

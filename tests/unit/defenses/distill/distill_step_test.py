@@ -12,7 +12,7 @@ from absl.testing import absltest
 from flax import nnx
 
 from helpers import assert_trees_close, cli_main, config as load
-from jaxpurify import encoders, experiments, losses, parallel, stages
+from jaxpurify import encoders, experiments, losses, models, parallel, stages
 from jaxpurify.defenses.distill import step as distill
 from jaxpurify.defenses.distill import training as defense_stages
 from jaxpurify.errors import UserError
@@ -118,7 +118,12 @@ class DistillStepTest(absltest.TestCase):
     cls.forward = direct_forward(config, cls.graphdef, cls.state0, cls.teacher, cls.images)
 
   def step(self, config):
-    tx = make_optimizer(config.defense.ssl.optim)
+    # SGD, not the recipe's Adam: Adam's first update is about lr * sign(gradient), which turns last-bit
+    # differences between the 1- and 8-device gradients of near-zero components into whole steps, and the second
+    # step's metrics would compare that noise (seen: l2_grads 7e-4 apart on one CPU). The step is the same code.
+    optim = config.defense.ssl.optim.copy_and_resolve_references()
+    optim.update(name="sgd", lr=0.1)
+    tx = make_optimizer(optim)
     return jax.jit(distill.make_step(self.graphdef, self.teacher.graphdef, tx, config, steps_per_epoch=1, taps=TAPS),
                    donate_argnums=0)
 
@@ -181,6 +186,73 @@ class DistillStepTest(absltest.TestCase):
     self.check(config, {"nt_xent", "cc_layer1", "cc_layer4", "clone"})
 
 
+def tiny_vit_ssl_model():
+  """The tiny ViT student: 2 blocks, 2 heads, width 4 (D = 8), 16x16 images on a 4x4 patch grid, 8-dim head."""
+  rngs = nnx.Rngs(3)
+  return models.SSLModel(models.ViT(2, 2, 4, patch=4, image_size=16, rngs=rngs), 0, 8, rngs=rngs)
+
+
+class ViTStudentStepTest(absltest.TestCase):
+  """A ResNet-10 teacher (width 4) distilled into the tiny ViT student on 16x16 images with AT on two grids: the
+  student's 4x4 block1 against the teacher's 8x8 layer2 (the teacher's attention pooled), block2 against the 2x2
+  layer4 (the student's pooled)."""
+
+  def setUp(self):
+    super().setUp()
+    self.config = tiny("defense.loss.teacher_taps=('layer2', 'layer4')")
+    self.tx = make_optimizer(self.config.defense.ssl.optim)
+    self.eight = jax.make_mesh((8,), ("data",))
+
+  def step(self, graphdef, teacher):
+    student = nnx.merge(graphdef, *nnx.split(nnx.eval_shape(tiny_vit_ssl_model), nnx.Param, nnx.BatchStat)[1:])
+    taps, teacher_taps = defense_stages.compared_taps(self.config, student.backbone, teacher)
+    self.assertEqual((taps, teacher_taps), (("block1", "block2"), ("layer2", "layer4")))
+    return distill.make_step(graphdef, teacher.graphdef, self.tx, self.config, 1, taps, teacher_taps)
+
+  def test_traces_sharded_over_eight_devices(self):
+    # A trace of abstract arrays (no weights, no compile), the batch sharded over 8 devices: the pooled maps keep
+    # the explicit batch sharding.
+    replicated, rows = (jax.NamedSharding(self.eight, spec) for spec in (jax.P(), jax.P("data")))
+    abstract = lambda tree, sharding: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                  sharding=sharding), tree)
+    graphdef, params, batch_stats = nnx.split(nnx.eval_shape(tiny_vit_ssl_model), nnx.Param, nnx.BatchStat)
+    state = TrainState(step=np.int32(0), params=params, batch_stats=batch_stats,
+                       opt_state=jax.eval_shape(self.tx.init, params))
+    teacher = encoders.Encoder(*nnx.split(nnx.eval_shape(lambda: models.configured_encoder(self.config.model,
+                                                                                          nnx.Rngs(7))),
+                                          nnx.Param, nnx.BatchStat))
+    batch = {"image": jax.ShapeDtypeStruct((BATCH, 16, 16, 3), np.uint8, sharding=rows),
+             "teacher": abstract({"params": teacher.params, "batch_stats": teacher.batch_stats}, replicated)}
+    with jax.set_mesh(self.eight):
+      new_state, metrics = jax.eval_shape(self.step(graphdef, teacher), abstract(state, replicated), batch, KEY)
+    self.assertEqual(set(metrics), {"loss", "nt_xent", "at_block1", "at_block2", "l2_grads", "l2_params",
+                                    "l2_updates"})
+    self.assertEqual(jax.tree.structure(new_state.params), jax.tree.structure(state.params))
+
+  @pytest.mark.extended  # 30 s of compiles; the trace above runs by default
+  def test_sharded_equals_single_device_and_terms_pair_the_taps(self):
+    one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    graphdef, state0 = create_state(tiny_vit_ssl_model, self.tx, one)
+    teacher = encoders.build_backbone(self.config.model, seed=7)
+    images = np.random.default_rng(0).integers(0, 256, (BATCH, 16, 16, 3), np.uint8)
+    step = jax.jit(self.step(graphdef, teacher), donate_argnums=0)
+    (states_1, metrics_1), (states_8, metrics_8) = (run_steps(step, *put(mesh, state0, teacher, images), mesh)
+                                                    for mesh in (one, self.eight))
+    h1, z1, z2, maps1, _, maps_t = direct_forward(self.config, graphdef, state0, teacher, images)
+    expected = {"nt_xent": losses.nt_xent(z1, z2, self.config.defense.ssl.simclr.temperature),
+                "at_block1": 1000 * losses.attention_transfer(maps1["block1"], maps_t["layer2"]),
+                "at_block2": 1000 * losses.attention_transfer(maps1["block2"], maps_t["layer4"])}
+    self.assertEqual(set(metrics_1[0]) - {"loss", "l2_grads", "l2_params", "l2_updates"}, set(expected))
+    for k, v in expected.items():
+      np.testing.assert_allclose(metrics_1[0][k], float(v), rtol=2e-4, atol=1e-6, err_msg=k)
+    for m_8, m_1 in zip(metrics_8, metrics_1):
+      for k in m_1:
+        np.testing.assert_allclose(m_8[k], m_1[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    for s_8, s_1 in zip(states_8, states_1):
+      assert_trees_close((s_8.params, s_8.batch_stats), (s_1.params, s_1.batch_stats))
+    self.assertNotEqual(metrics_1[0]["loss"], metrics_1[1]["loss"])
+
+
 class LossWeightsTest(absltest.TestCase):
   """Which terms a switch weights: the defaults, user weights, and the metrics the traced step reports."""
 
@@ -213,6 +285,19 @@ class LossWeightsTest(absltest.TestCase):
     self.assertEqual(distill.loss_taps(two.defense.loss, TAPS), ("layer2", "layer4"))
     self.assertEqual(distill.loss_weights(two.defense.loss, ("layer2", "layer4")),
                      ({"layer2": 1000.0, "layer4": 1000.0}, 0.0))
+
+  def test_default_taps_and_their_pairing(self):
+    vit, resnet = tuple(f"block{i}" for i in range(1, 13)), TAPS
+    loss = tiny().defense.loss
+    self.assertEqual(distill.default_taps(vit), ("block3", "block6", "block9", "block12"))
+    self.assertEqual(distill.default_taps(("block1", "block2")), ("block1", "block2"))
+    self.assertEqual(distill.loss_taps(loss, vit), ("block3", "block6", "block9", "block12"))
+    self.assertEqual(distill.loss_taps(loss, resnet), TAPS)
+    self.assertEqual(distill.teacher_loss_taps(loss, TAPS, resnet), TAPS)  # one architecture: the same names
+    self.assertEqual(distill.teacher_loss_taps(loss, TAPS, vit), ("block3", "block6", "block9", "block12"))
+    self.assertEqual(distill.teacher_loss_taps(loss, ("block6", "block12"), resnet), TAPS)
+    chosen = tiny("defense.loss.teacher_taps=('layer2', 'layer4')").defense.loss
+    self.assertEqual(distill.teacher_loss_taps(chosen, ("block6", "block12"), resnet), ("layer2", "layer4"))
 
   def test_metrics_of_each_switch(self):
     every = lambda name: {f"{name}_layer{l}" for l in (1, 2, 3, 4)} | {"nt_xent"}
@@ -337,6 +422,13 @@ class DefenseInputTest(absltest.TestCase):
         ("defense.student.init=pretrained",): "unknown student 'pretrained'",
         ("defense.loss.name=fitnet", "defense.student.model.width=4"): "differ in channels",
         ("defense.loss.name=cc", "defense.student.model.name=resnet50"): "differ in channels",
+        # A ResNet-18 teacher (layer1: 8 channels) and a ViT-Tiny student (block3: D = 24), paired by default.
+        ("defense.loss.name=fitnet", "defense.student.model.name=vit_tiny"): "the student's block3 (24 channels) and "
+                                                                             "the teacher's layer1 (8) differ in "
+                                                                             "channels",
+        ("defense.student.model.name=vit_tiny", "defense.loss.taps=('block12',)"): "pair in order but differ in number",
+        ("defense.loss.taps=('layer1',)", "defense.loss.teacher_taps=('layer9',)"): "the teacher encoder has no tap "
+                                                                                    "layer9",
         ("defense.student.model.name=vgg",): "unknown student model 'vgg'",
         ("defense.student.init=poisoned_copy", "defense.student.model.width=16"): "suspect's architecture",
         ("defense.teacher.model.width=16",): "without config.defense.teacher.checkpoint",
@@ -355,7 +447,9 @@ class DefenseInputTest(absltest.TestCase):
     for overrides in [(), ("defense.loss.name=at", "defense.student.model.width=4"),
                       ("defense.loss.name=sp", "defense.student.model.name=resnet34"),
                       ("defense.student.init=poisoned_copy", "defense.subset=random", "defense.loss.name=kd"),
-                      ("defense.clean_fraction=1.0",)]:
+                      ("defense.clean_fraction=1.0",),
+                      ("defense.student.model.name=vit_tiny",),  # AT across grids: 32x32..4x4 against 8x8
+                      ("defense.student.model.name=vit_tiny", "defense.loss.name=sp")]:
       experiments.check(quick_config(*overrides))
 
   def test_main_prints_one_line_exits_2_and_creates_no_workdir(self):
