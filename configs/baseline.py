@@ -4,6 +4,7 @@ poison-robust training (ABL) and model repair (FT, FP, NAD, ANP, I-BAU, CLP, RNP
 
   python main.py --config configs/baseline.py:defense=ss,threat=2,attack=badnets,quick
   python main.py --config configs/baseline.py:defense=scan,threat=3,attack=blended,encoder=badencoder,quick
+  python main.py --config configs/baseline.py:defense=clp,threat=1,attack=ssl_backdoor,quick
   python -m jaxpurify.compare --config configs/tcore.py:threat=2,attack=badnets,quick --defenses tcore,ss,ac
 
 defense = ss | ac | scan | spectre | strip | ct | asset | abl | ft | fp | nad | anp | ibau | clp | rnp | tcore (T-Core

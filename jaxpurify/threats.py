@@ -1,13 +1,16 @@
 """The three threats of transfer learning (tcore.md section 3): the setting every downstream experiment shares.
 
-- threat 1: a poisoned encoder (BadEncoder/DRUPE, config.attack) fine-tuned on clean downstream data;
+- threat 1: a poisoned encoder (config.attack: BadEncoder/DRUPE fine-tuning, or CTRL/SSL-Backdoor/CorruptEncoder
+  poisoning of the pre-training set) fine-tuned on clean downstream data;
 - threat 2: the clean encoder fine-tuned on poisoned downstream data (config.poison);
 - threat 3: both, with one trigger and one target: the encoder attack uses the data attack's test trigger.
 
 `setting(run, mesh)` makes the threat; `undefended_rows` fine-tunes the clean pair and the victim: rows
 `clean/<protocol>` and `poisoned/<protocol>`, each with acc and asr/asr_all of the threat's trigger.
-Stages: pretrain (or config.clean_encoder), attack, poison_model (attacks with an auxiliary model), poison (the
-poisoned set in poison/poisoned_train.npz and poison/samples.png), finetune_<row>_<protocol>.
+Stages: pretrain (or config.clean_encoder), attack_poison (the poisoned pre-training set of CTRL, SSL-Backdoor,
+CorruptEncoder: attack_poison/poisoned_pretrain.npz and samples.png), attack, poison_model (attacks with an
+auxiliary model), poison (the poisoned set in poison/poisoned_train.npz and poison/samples.png),
+finetune_<row>_<protocol>.
 """
 
 import os
@@ -27,6 +30,7 @@ from jaxpurify import (
   triggers,
   validation,
 )
+from jaxpurify.attacks import pretrain_poisoning
 from jaxpurify.encoders import Encoder
 from jaxpurify.errors import UserError, moved
 from jaxpurify.poisoning import registry
@@ -142,11 +146,26 @@ def setting(run, mesh) -> Setting:
     victim_images, victim_labels, poison, target = (poisoned.images, poisoned.labels, poisoned.poison,
                                                     config.poison.target)
   else:
-    trigger, target = triggers.make_trigger(config.attack.trigger, config.data.image_size), config.attack.target
+    trigger, target = encoder_attack_trigger(config), config.attack.target
   encoder = clean
   if "attack" in config:
-    encoder = stages.attack_encoder(run, "attack", config, clean, mesh, trigger if "poison" in config else None)
+    encoder = attacked_encoder(run, config, clean, mesh, trigger if "poison" in config else None)
   return Setting(clean, encoder, train, victim_images, victim_labels, poison, test, trigger, target, reserve)
+
+
+def encoder_attack_trigger(config):
+  """The test trigger of config.attack (threat 1): its trigger block's, or a pre-training poisoning attack's."""
+  if config.attack.get("mode") in pretrain_poisoning.KINDS:
+    return pretrain_poisoning.test_trigger(config.attack, config.data.image_size, config.seed)
+  return triggers.make_trigger(config.attack.trigger, config.data.image_size)
+
+
+def attacked_encoder(run, config, clean: Encoder, mesh, trigger=None) -> Encoder:
+  """config.attack's encoder (stage `attack`): BadEncoder/DRUPE fine-tuning of `clean`, or pre-training on the set a
+  poisoning attack made (stage `attack_poison`); `trigger` (threat 3) replaces the attack's own."""
+  if config.attack.get("mode") in pretrain_poisoning.KINDS:
+    return pretrain_poisoning.poisoned_encoder(run, config, mesh, "attack_poison", "attack", trigger)
+  return stages.attack_encoder(run, "attack", config, clean, mesh, trigger)
 
 
 def undefended_rows(run, setting_: Setting, mesh) -> dict:

@@ -3,14 +3,21 @@ FT-head and FT-all of the clean and the threatened pair. Rows `clean/<protocol>`
 
 from jaxpurify import encoders, finetune, parallel, threats
 from jaxpurify import plan as cost
+from jaxpurify.attacks import pretrain_poisoning
 from jaxpurify.data import catalog, synthetic
-from jaxpurify.experiments import encoder_attack, pretrain
+from jaxpurify.errors import UserError
+from jaxpurify.experiments import encoder_attack, pretrain, ssl_backdoor
 
 
 def check(config) -> None:
   """The threat's settings, and its encoder attack's (threats 1 and 3)."""
   threats.check(config)
-  if "attack" in config:
+  if "attack" in config and config.attack.mode in pretrain_poisoning.KINDS:
+    if config.attack.downstream != config.finetune.dataset:
+      raise UserError(f"config.attack.downstream is {config.attack.downstream!r} but the victim fine-tunes on "
+                      f"{config.finetune.dataset!r}; set config.attack.downstream to config.finetune.dataset")
+    pretrain_poisoning.check(config)
+  elif "attack" in config:
     encoder_attack.check(config)
 
 
@@ -41,7 +48,11 @@ def plan(config) -> list:
 
 def setting_plan(config) -> list:
   first = [] if config.clean_encoder else [pretrain.pretrain_stage(config)]
-  return first + ([encoder_attack.attack_stage(config)] if "attack" in config else [])
+  if "attack" not in config:
+    return first
+  if config.attack.mode in pretrain_poisoning.KINDS:
+    return first + [pretrain.pretrain_stage(config, "attack", ssl_backdoor.poisoned_set_size(config))]
+  return first + [encoder_attack.attack_stage(config)]
 
 
 def finetune_plan(config) -> list:
