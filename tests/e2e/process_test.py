@@ -38,6 +38,7 @@ def wait_for_checkpoint(proc, ckpt, after=0, timeout=300):
     time.sleep(0.1)
 
 
+@pytest.mark.extended  # 75-120 s; SIGTERM saving is unit-tested (train/signals_test.py), a busy workdir in cli_errors_test
 def test_sigterm_then_sigkill_mid_stage_and_a_second_copy_refused_then_the_rerun_gives_the_same_results(
     clean_run, tmp_path):
   workdir = str(tmp_path / "interrupted")
@@ -99,6 +100,7 @@ def two_processes(workdir):
                   env=env | {"JAX_PROCESS_ID": str(i)}) for i in range(2)]
 
 
+@pytest.mark.extended  # 60-170 s; the kill-and-resume e2e and the sharded steps run by default
 def test_two_processes_run_one_experiment_resume_after_both_are_killed_and_match_one_process(clean_run, tmp_path):
   workdir = str(tmp_path / "two")
   procs = two_processes(workdir)

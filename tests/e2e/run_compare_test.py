@@ -20,6 +20,7 @@ REPAIRS = ["fp", "nad", "anp", "ibau", "rnp"]  # the trained model-repair method
 PRUNERS = {"fp", "anp", "clp", "rnp"}
 
 
+@pytest.mark.extended  # 100 s; every method's parts are unit-tested by default
 def test_compare_runs_every_defense_on_one_victim_set(clean_run, tmp_path):
   workdir = str(tmp_path / "compare")
   args = ("--config", "configs/tcore.py:threat=2,attack=badnets,protocol=ft_head,tiny", "--defenses",

@@ -49,6 +49,7 @@ def _check_rows(rows, defenses, badencoder_run, workdir):
       assert all(os.path.islink(os.path.join(cell, s)) for s in ("attack", "evaluate_setting")), defense
 
 
+@pytest.mark.extended  # 35 s; DECREE's and CLP's parts are unit-tested by default
 def test_compare_runs_the_encoder_side_defenses_on_one_setting(clean_run, badencoder_run, tmp_path):
   workdir, defenses = str(tmp_path / "compare"), ["clp", "decree"]
   # A PL1 cut-off no trigger passes: DECREE judges both encoders clean and the suspect is used as it is.

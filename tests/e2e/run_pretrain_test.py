@@ -72,6 +72,7 @@ def test_tiny_pretraining_with_another_ssl_method(tmp_path, method):
   assert all(math.isfinite(m["loss"]) for m in metrics)
 
 
+@pytest.mark.extended  # 47 s; the seed pooling is unit-tested by default (tests/unit/seeds_test.py)
 def test_seeds_axis_pools_runs_and_the_seed_changes_the_result(clean_run, tmp_path):
   """`ablate --seeds 100,101` on simclr:tiny: seed 100 is the session's run (linked), seed 101 trains."""
   workdir = str(tmp_path / "seeds")

@@ -29,6 +29,7 @@ def test_threat_2_writes_the_poisoned_set_and_both_rows(threat2_run):
   assert os.path.getsize(os.path.join(threat2_run, "poison", "samples.png")) > 1000
 
 
+@pytest.mark.extended  # 85 s; T-Core's components are unit-tested by default
 def test_tcore_under_threat_2_writes_rows_diagnostics_and_resumes(clean_run, threat2_run, tmp_path):
   """T-Core after the threat-2 setting: seeds, expansion, filter and one bootstrapping stage in one tiny run."""
   workdir = str(tmp_path / "tcore2")

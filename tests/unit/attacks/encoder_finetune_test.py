@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from absl.testing import absltest
 
 from configs import badencoder as badencoder_config
@@ -87,6 +88,7 @@ class EncoderFinetuneTest(absltest.TestCase):
     np.testing.assert_allclose(metrics["l0"], -np.mean(unit(f_trig) @ unit(f_ref).T), rtol=1e-4)
     self.assertLess(float(metrics["l1"]), 0.0)
 
+  @pytest.mark.extended  # 54 s; the SimCLR and distillation steps' sharded tests run by default
   def test_sharded_step_equals_single_device_step(self):
     for mode in ("badencoder", "drupe"):
       results = []

@@ -164,6 +164,7 @@ def _leaves(tree):
   return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
 
 
+@pytest.mark.extended  # 65 s of training setup
 @pytest.mark.parametrize("stage", ["first", "second"])
 def test_step_8_devices_equals_1_device(runs, stage):
   (state8, metrics8), (state1, metrics1) = runs["out"][8][stage], runs["out"][1][stage]

@@ -192,6 +192,7 @@ def runs():
   return dict(block=block, initial=initial, final=state, losses=losses, mesh=mesh, data=(images, labels))
 
 
+@pytest.mark.extended  # 34 s
 def test_adversarial_training_step_8_devices_equals_1():
   """Two steps on 1 and on 8 devices agree to float32 rounding. The comparison fixes what the mathematics fixes: SGD
   (Adam divides tiny gradients by their own RMS, turning last-bit differences into lr-sized steps) and PGD without
