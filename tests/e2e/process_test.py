@@ -38,7 +38,7 @@ def wait_for_checkpoint(proc, ckpt, after=0, timeout=300):
     time.sleep(0.1)
 
 
-@pytest.mark.extended  # 75-120 s; SIGTERM saving is unit-tested (train/signals_test.py), a busy workdir in cli_errors_test
+@pytest.mark.extended  # 75-120 s; SIGTERM saving: train/signals_test.py; a busy workdir: cli_errors_test
 def test_sigterm_then_sigkill_mid_stage_and_a_second_copy_refused_then_the_rerun_gives_the_same_results(
     clean_run, tmp_path):
   workdir = str(tmp_path / "interrupted")
