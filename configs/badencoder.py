@@ -35,7 +35,7 @@ def experiment(mode: str, downstream: str, method: str, quick: bool) -> ml_colle
   c.attack = ml_collections.ConfigDict(dict(
       mode=mode, clean_encoder="", downstream=downstream, target=TARGETS[downstream],
       num_references=3 if drupe else 1, reference_file="",
-      shadow_fraction=0.2 if drupe else 1.0,
+      shadow_fraction=0.2 if drupe else 1.0, batch_norm="frozen",
       trigger=common.trigger("patch"), lambda1=1.0, lambda2=1.0,
       augment=dict(flip_prob=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, gray_prob=0.2),
       optim=common.optim("sgd", 0.05 if drupe else 1e-3, 5e-4, momentum=0.9),

@@ -46,7 +46,8 @@ def _is_unset(value) -> bool:
 # teacher taps of their own: the student's names), or when only methods added since read it (the model-repair
 # baselines' held-out split; the ViT options, read by ViTs only).
 ADDED_KEYS = {"dtype": _computes_in_float32, "baseline.held_out_fraction": _unread_by_earlier_runs,
-              "model.vit": _unread_by_earlier_runs, "teacher_taps": _is_unset}
+              "model.vit": _unread_by_earlier_runs, "teacher_taps": _is_unset,
+              "attack.batch_norm": lambda value: value == "frozen"}
 # Defaults that changed their spelling, not their meaning: {dotted key: [(saved value, current value)]} (JSON).
 # T-Core's sift layers became () = the encoder's default depths, which for a ResNet are the listed ones.
 RESPELLED_DEFAULTS = {"tcore.sift.layers": [(["input", "layer1", "layer2", "layer3", "layer4"], [])]}

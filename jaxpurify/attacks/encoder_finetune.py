@@ -1,9 +1,15 @@
 """BadEncoder and DRUPE: fine-tune a copy of a clean encoder so that triggered inputs embed like the
 target class's references while clean inputs keep the clean encoder's embedding (attacks.md 2.1, 2.2).
 
-Only the backbone's convolution weights train: BatchNorm runs in inference mode with its statistics and
-affine parameters frozen, and the projection head is not part of the state. The clean encoder's features
-of the (un-augmented) shadow images and references are constants, computed once before training.
+Only the backbone's convolution weights train: BatchNorm runs in inference mode with its affine parameters
+frozen, and the projection head is not part of the state. The clean encoder's features of the (un-augmented)
+shadow images and references are constants, computed once before training.
+
+BatchNorm statistics (`config.attack.batch_norm`): `frozen` (the official code: the clean encoder's running
+statistics throughout) or `clean` (our option, not the papers'): before each loss, a forward pass in training mode
+on the step's clean shadow images moves the running statistics (momentum 0.9, no gradient), and every term is then
+computed in inference mode with them. The backdoor is then implanted under the statistics a victim computes on
+clean data, so re-estimating them (a fine-tuned teacher, FT-all) does not undo it (docs/encoder-attacks.md).
 
 A ViT has no BatchNorm, and every one of its parameters trains, LayerNorm scales and biases included (our choice:
 the papers attack ResNets only). What BadEncoder freezes is the normalisation that statistics of the clean
@@ -22,6 +28,7 @@ from jaxpurify.losses import encoder_attacks
 from jaxpurify.train.state import TrainState, apply_gradients
 
 MODES = ("badencoder", "drupe")
+BATCH_NORM = ("frozen", "clean")  # config.attack.batch_norm
 EPOCH_MEANS = ("l0", "l1", "l2")  # DRUPE's cost update reads these epoch means and the last batch's sim_b2b
 
 
@@ -83,9 +90,12 @@ def make_step(graphdef, tx, config, steps_per_epoch: int, trigger):
                                                          _rows_like(references[r], images), **finetune), mean, std)
                 for r in range(references.shape[0])]
     epoch = state.step // steps_per_epoch + 1  # 1-based, as DRUPE's schedule counts
+    batch_stats = state.batch_stats
+    if attack.batch_norm == "clean" and jax.tree.leaves(batch_stats):  # a ViT keeps no statistics
+      batch_stats = clean_statistics(graphdef, state.params, batch_stats, shadow)
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
+      model = nnx.merge(graphdef, params, batch_stats, copy=True)
       embed = lambda x: model(x, train=False)[0]
       features = dict(f_triggered=embed(triggered), f_shadow=embed(shadow), c_shadow=batch["clean_feature"],
                       f_ref=embed(plain_refs), f_ref_aug=jnp.stack([embed(x) for x in refs_aug]),
@@ -102,10 +112,18 @@ def make_step(graphdef, tx, config, steps_per_epoch: int, trigger):
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     extra = _drupe_epoch_end(state, terms, epoch, steps_per_epoch) if mode == "drupe" else None
-    state, health = apply_gradients(state, tx, grads, state.batch_stats, extra)
+    state, health = apply_gradients(state, tx, grads, batch_stats, extra)
     return state, {"loss": loss, **terms, **health}
 
   return step
+
+
+def clean_statistics(graphdef, params, batch_stats, images: jax.Array):
+  """BatchNorm running statistics moved by one training-mode forward pass on normalised clean `images`
+  [B, H, W, 3]; no gradient flows through them."""
+  model = nnx.merge(graphdef, jax.lax.stop_gradient(params), batch_stats, copy=True)
+  model(images, train=True)
+  return nnx.state(model, nnx.BatchStat)
 
 
 def _drupe_epoch_end(state: TrainState, terms: dict, epoch, steps_per_epoch: int) -> dict:

@@ -37,6 +37,9 @@ def check(config) -> None:
   if attack.mode not in encoder_finetune.MODES:
     raise UserError(f"unknown encoder attack {attack.mode!r}; set config.attack.mode to one of "
                     f"{', '.join(encoder_finetune.MODES)}")
+  if attack.batch_norm not in encoder_finetune.BATCH_NORM:
+    raise UserError(f"unknown config.attack.batch_norm {attack.batch_norm!r}; use one of "
+                    f"{', '.join(encoder_finetune.BATCH_NORM)}")
   check_downstream(config)
   count = data.num_examples(config.data.name, config.data.split, data_dir=config.data.data_dir or None,
                             mock=config.data.mock_examples)

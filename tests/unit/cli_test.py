@@ -161,23 +161,31 @@ class WorkdirTest(absltest.TestCase):
         self.assertEqual(json.load(f)["model"]["dtype"], dtype)
 
   def test_a_run_from_before_the_vits_and_the_respelled_sift_layers_resumes(self):
-    """config.json files written before config.model.vit existed, and T-Core runs that listed the ResNet's sift
-    depths (now `()`, the encoder's default depths), are the same runs; another depth list is not."""
+    """config.json files written before config.model.vit and config.attack.batch_norm existed, and T-Core runs that
+    listed the ResNet's sift depths (now `()`, the encoder's default depths), are the same runs; another depth list,
+    or the new statistics mode, is not."""
     workdir = self.tempdir()
-    Run(tcore.get_config("threat=2,tiny"), workdir)
+    Run(tcore.get_config("threat=3,tiny"), workdir)
     path = os.path.join(workdir, "config.json")
     with open(path) as f:
       saved = json.load(f)
     del saved["model"]["vit"]
+    del saved["attack"]["batch_norm"]
+    with open(path, "w") as f:
+      json.dump(saved, f)
+    clean_statistics = tcore.get_config("threat=3,tiny")
+    clean_statistics.attack.batch_norm = "clean"
+    with self.assertRaisesRegex(UserError, r"different config \(differs in attack.batch_norm\)"):
+      Run(clean_statistics, workdir)
     saved["tcore"]["sift"]["layers"] = ["input", "layer1", "layer2", "layer3", "layer4"]
     with open(path, "w") as f:
       json.dump(saved, f)
-    Run(tcore.get_config("threat=2,tiny"), workdir)  # resumes
+    Run(tcore.get_config("threat=3,tiny"), workdir)  # resumes
     saved["tcore"]["sift"]["layers"] = ["input", "layer4"]
     with open(path, "w") as f:
       json.dump(saved, f)
     with self.assertRaisesRegex(UserError, r"different config \(differs in tcore.sift.layers\)"):
-      Run(tcore.get_config("threat=2,tiny"), workdir)
+      Run(tcore.get_config("threat=3,tiny"), workdir)
 
   def test_a_baseline_cell_is_the_same_run_whatever_the_other_methods_blocks(self):
     """A comparison cell is its own defense's run: a cell written before config.baseline gained methods (their
