@@ -25,6 +25,8 @@ def trigger_patch(block) -> np.ndarray:
   or uniform random colours per pixel and channel from np.random.default_rng(block.seed)."""
   size = block.size
   if not block.path:
+    if block.seed < 0:
+      raise UserError(f"{PREFIX}.seed={block.seed} is negative; set a seed >= 0 for the random-colour patch")
     return np.random.default_rng(block.seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
   if not os.path.isfile(block.path):
     raise UserError(f"trigger image {block.path} does not exist; fix {PREFIX}.path or leave it empty for the "

@@ -105,6 +105,7 @@ def test_pretrain_poisoning_returns_the_set_with_positions():
     ("attack.train_location=(0.5, 0.2)", r"config.attack.train_location = \(0.5, 0.2\) is not a range"),
     ("attack.test_location=(0.1, 1.5)", r"config.attack.test_location must be in \[0, 1\]"),
     ("attack.trigger.size=30", "leaves the 32-pixel image"),
+    ("attack.trigger.seed=-1", r"config.attack.trigger.seed=-1 is negative; set a seed >= 0"),
     ("attack.target=12", "config.attack.target=12 is not a class of the pre-training set digits"),
     ("attack.downstream=svhn_cropped", "set config.attack.downstream to config.data.name"),
 ])
