@@ -37,6 +37,7 @@ class BenchTest(absltest.TestCase):
       with open(path, encoding="utf-8") as f:
         return json.load(f)
 
+  @pytest.mark.extended  # 32 s of CI time on 2 cores; the other bench tests read its output by default
   def test_json_numbers(self):
     small = self.bench_json(16)
     self.assertEqual((small["device_count"], small["global_batch"], small["width"]), (8, 16, 4))

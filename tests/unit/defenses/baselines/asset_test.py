@@ -124,6 +124,7 @@ def _base_variance(graphdef, state, base_images) -> float:
   return float(np.asarray(model(x), np.float64).var(axis=1, ddof=1).mean())
 
 
+@pytest.mark.extended  # 26 s of CI time on 2 cores; ASSET's other tests run by default
 def test_offset_step_on_eight_devices_equals_one_device_and_descends_the_base_variance():
   """FT-head, as the tiny `suspects` below (the encoder's backward passes would double the compile time)."""
   out = []

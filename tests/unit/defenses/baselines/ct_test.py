@@ -123,6 +123,7 @@ def _training_forward(graphdef, params, batch_stats, images):
   return nnx.merge(graphdef, params, batch_stats, copy=True)(x, train_backbone=True)
 
 
+@pytest.mark.extended  # 20 s of CI time on 2 cores; T-Core's confusion step test covers the same loss by default
 def test_confusion_only_step_is_the_confused_cross_entropy_and_the_same_on_eight_devices_as_on_one():
   encoder, tx, rng = build_backbone(MODEL, 0), optax.sgd(0.1, momentum=0.7), np.random.default_rng(4)
   batch = {"seed_image": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
