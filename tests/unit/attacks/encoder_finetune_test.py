@@ -82,6 +82,7 @@ class EncoderFinetuneTest(absltest.TestCase):
     np.testing.assert_allclose(metrics["l0"], -np.mean(unit(f_trig) @ unit(f_ref).T), rtol=1e-4)
     self.assertLess(float(metrics["l1"]), 0.0)
 
+  @pytest.mark.extended  # 12-18 s of CI time on 2 cores; the option is not a default
   def test_clean_statistics_follow_the_shadow_batch_and_feed_the_loss(self):
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     config, clean, step, state, batch = attack_setup("badencoder", mesh, batch_norm="clean")
