@@ -9,7 +9,8 @@ BatchNorm statistics (`config.attack.batch_norm`): `frozen` (the official code: 
 statistics throughout) or `clean` (our option, not the papers'): before each loss, a forward pass in training mode
 on the step's clean shadow images moves the running statistics (momentum 0.9, no gradient), and every term is then
 computed in inference mode with them. The backdoor is then implanted under the statistics a victim computes on
-clean data, so re-estimating them (a fine-tuned teacher, FT-all) does not undo it (docs/encoder-attacks.md).
+clean data, so re-estimating them alone does not undo it; fine-tuning the weights still can
+(docs/encoder-attacks.md).
 
 A ViT has no BatchNorm, and every one of its parameters trains, LayerNorm scales and biases included (our choice:
 the papers attack ResNets only). What BadEncoder freezes is the normalisation that statistics of the clean
