@@ -137,37 +137,47 @@ def _data():
   return rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8), np.arange(32) % 3
 
 
-@pytest.fixture(scope="module")
-def runs():
-  """Step 0 (stage 1) then step 2 (stage 2, the first after the 2 mask steps) on 1 device with `jax.lax.cond` (the
-  default on accelerators) and on 8 devices with the CPU default (both stages computed, one selected)."""
+def _two_steps(devices: int, use_cond: bool) -> dict:
+  """Step 0 (stage 1) then step 2 (stage 2, the first after the 2 mask steps) on `devices` devices: with
+  `jax.lax.cond` (the default on accelerators) or with the CPU default (both stages computed, one selected)."""
   block, (images, labels) = _block(), _data()
-  out = {}
-  for devices, use_cond in ((1, True), (8, False)):  # the 8-device state is kept for the poisoning test
-    mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
-    state, step, batch_fn, num_steps = ia.training(block, images, labels, 1, mesh, seed=0)
-    assert num_steps == 4 and int(state.step) == 0
-    if use_cond:
-      txs = {name: ia.make_optimizer(block.optim[name], 2) for name in ia.NETS}
-      step = jax.jit(ia.make_step(ia._graphdefs(block), txs, block, 1, 16, 2, use_cond=True), donate_argnums=0)
-    key = jax.random.key(3)
-    initial = jax.device_get(state)
-    state, first = step(state, batch_fn(0), key)
-    after_first = jax.device_get((state, first))
-    state = state.replace(step=jax.device_put(np.int32(2), parallel.replicated(mesh)))
-    state, second = step(state, batch_fn(2), key)
-    out[devices] = dict(initial=initial, first=after_first, second=jax.device_get((state, second)))
-  return dict(out=out, block=block, state=state, mesh=mesh, data=(images, labels))
+  mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
+  state, step, batch_fn, num_steps = ia.training(block, images, labels, 1, mesh, seed=0)
+  assert num_steps == 4 and int(state.step) == 0
+  if use_cond:
+    txs = {name: ia.make_optimizer(block.optim[name], 2) for name in ia.NETS}
+    step = jax.jit(ia.make_step(ia._graphdefs(block), txs, block, 1, 16, 2, use_cond=True), donate_argnums=0)
+  key = jax.random.key(3)
+  initial = jax.device_get(state)
+  state, first = step(state, batch_fn(0), key)
+  after_first = jax.device_get((state, first))
+  state = state.replace(step=jax.device_put(np.int32(2), parallel.replicated(mesh)))
+  state, second = step(state, batch_fn(2), key)
+  return dict(initial=initial, first=after_first, second=jax.device_get((state, second)), state=state)
+
+
+@pytest.fixture(scope="module")
+def run_1():
+  """1 device, `jax.lax.cond`; its final state replicated over 8 devices for the poisoning test."""
+  mesh = jax.make_mesh((8,), ("data",))
+  run = _two_steps(1, use_cond=True)
+  return dict(run, state=jax.device_put(run["state"], parallel.replicated(mesh)), mesh=mesh, block=_block(),
+              data=_data())
+
+
+@pytest.fixture(scope="module")
+def run_8():
+  return _two_steps(8, use_cond=False)
 
 
 def _leaves(tree):
   return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
 
 
-@pytest.mark.extended  # 65 s of training setup
+@pytest.mark.extended  # 30 s more of compilation
 @pytest.mark.parametrize("stage", ["first", "second"])
-def test_step_8_devices_equals_1_device(runs, stage):
-  (state8, metrics8), (state1, metrics1) = runs["out"][8][stage], runs["out"][1][stage]
+def test_step_8_devices_equals_1_device(run_1, run_8, stage):
+  (state8, metrics8), (state1, metrics1) = run_8[stage], run_1[stage]
   for part in ("params", "batch_stats", "opt_state"):
     for name in ia.NETS:
       one = getattr(state1, part)[name]
@@ -181,11 +191,11 @@ def test_step_8_devices_equals_1_device(runs, stage):
     np.testing.assert_allclose(metrics8[name], metrics1[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("devices", [8, 1])
-def test_stage_1_trains_only_m_and_stage_2_only_c_and_g(runs, devices):
-  run = runs["out"][devices]
+@pytest.mark.parametrize("devices", [pytest.param(8, marks=pytest.mark.extended), 1])
+def test_stage_1_trains_only_m_and_stage_2_only_c_and_g(request, devices):
+  run = request.getfixturevalue(f"run_{devices}")
   initial, (first, m1), (second, m2) = run["initial"], run["first"], run["second"]
-  block = runs["block"]
+  block = _block()
 
   def same(a, b, name):
     for part in ("params", "batch_stats", "opt_state"):
@@ -209,11 +219,11 @@ def test_stage_1_trains_only_m_and_stage_2_only_c_and_g(runs, devices):
   assert int(first.step) == 1 and int(second.step) == 3
 
 
-def test_stage_1_loss_matches_numpy(runs):
+def test_stage_1_loss_matches_numpy(run_1):
   """The first step's loss rebuilt outside the step: batch 0 of the (seed 0, epoch 0) order, the step's crop and
   flip, M in training mode on the batch and on its partner (the batch rolled by B/2), the rest in NumPy."""
-  block, (images, _) = runs["block"], runs["data"]
-  initial, (_, metrics) = runs["out"][1]["initial"], runs["out"][1]["first"]
+  block, (images, _) = run_1["block"], run_1["data"]
+  initial, (_, metrics) = run_1["initial"], run_1["first"]
   rows = epoch_order(0, 0, len(images))[:16]
   x = np.asarray(augment.to_float(augment.crop_flip(jax.random.fold_in(jax.random.key(3), 0), jnp.asarray(images[rows]),
                                             block.augment.padding, block.augment.flip_prob)), np.float64)
@@ -252,10 +262,10 @@ def _numpy_pattern(block, state, images, sources):
   return np.round(np.clip((x + (pattern - x) * mask) * 255, 0, 255)).astype(np.uint8)
 
 
-def test_poison_images_test_trigger_and_cross_patterns(runs):
-  block, state, mesh = runs["block"], runs["state"], runs["mesh"]
-  images = runs["data"][0][:16]
-  poisoned = ia.poison_images(block, state, images, runs["data"][1][:16], jax.random.key(0), mesh)
+def test_poison_images_test_trigger_and_cross_patterns(run_1):
+  block, state, mesh = run_1["block"], run_1["state"], run_1["mesh"]
+  images = run_1["data"][0][:16]
+  poisoned = ia.poison_images(block, state, images, run_1["data"][1][:16], jax.random.key(0), mesh)
   assert poisoned.shape == images.shape and poisoned.dtype == np.uint8
   expected = _numpy_pattern(block, state, images, images)
   assert np.abs(poisoned.astype(int) - expected).max() <= 1 and np.mean(poisoned == expected) > 0.99
@@ -268,7 +278,7 @@ def test_poison_images_test_trigger_and_cross_patterns(runs):
   expected = _numpy_pattern(block, state, images, sources)
   assert np.abs(cross.astype(int) - expected).max() <= 1 and np.mean(cross == expected) > 0.99
   assert not np.array_equal(cross, poisoned)  # another image's pattern and mask
-  short = ia.poison_images(block, state, images[:5], runs["data"][1][:5], jax.random.key(1), mesh)  # padded to 8
+  short = ia.poison_images(block, state, images[:5], run_1["data"][1][:5], jax.random.key(1), mesh)  # padded to 8
   np.testing.assert_array_equal(short, poisoned[:5])
 
 
