@@ -133,10 +133,12 @@ def restore(path: str, stages=CLEAN_STAGES, field: str = "config.attack.clean_en
 def backbone_from(raw: dict, model_config, directory: str, field: str) -> Encoder:
   """The backbone (host arrays) in a restored state `raw`: a pre-training state of any SSL method
   (params/backbone, batch_stats/backbone) or an encoder attack's (params and batch_stats are the backbone);
-  refuses, in one line, another architecture than `model_config`."""
-  like = build_backbone(model_config, 0)
+  refuses, in one line, another architecture than `model_config`. The backbone's structure is traced, not
+  initialised: every array comes from `raw`."""
+  graphdef, *like = nnx.split(nnx.eval_shape(lambda: configured_encoder(model_config, nnx.Rngs(0))), nnx.Param,
+                              nnx.BatchStat)
   found = []
-  for kind, state in (("params", like.params), ("batch_stats", like.batch_stats)):
+  for kind, state in zip(("params", "batch_stats"), like):
     expected = nnx.to_pure_dict(state)
     stored = raw.get(kind) if isinstance(raw, dict) else None
     if isinstance(stored, dict) and "backbone" in stored:  # a model around the backbone (SSL, classifier)
@@ -147,7 +149,7 @@ def backbone_from(raw: dict, model_config, directory: str, field: str) -> Encode
       raise UserError(f"checkpoint {directory} holds no encoder backbone; point {field} to a finished run")
     nnx.replace_by_pure_dict(state, _match(expected, stored, "", directory, model_config))
     found.append(state)
-  return Encoder(like.graphdef, *found)
+  return Encoder(graphdef, *found)
 
 
 def load_backbone(path: str, model_config, mesh, stages=CLEAN_STAGES,
