@@ -26,7 +26,8 @@ def parse(text: str) -> tuple[int, ...]:
   if len(values) == 1 and "," not in text:
     values = tuple(range(values[0]))
   if not values or len(set(values)) != len(values) or min(values) < 0:
-    raise UserError(f"--seeds {text!r}: give a count of at least 1 or distinct seeds >= 0")
+    raise UserError(f"--seeds {text!r}: give a count of at least 1 (--seeds 3) or distinct seeds >= 0 (--seeds 0,1,2; "
+                    "one seed: --seeds 0,)")
   return values
 
 

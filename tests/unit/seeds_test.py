@@ -15,6 +15,8 @@ def test_parse_counts_and_lists():
   for bad in ("", "0", "1,1", "a", "-1,2"):
     with pytest.raises(UserError, match="--seeds"):
       seeds.parse(bad)
+  with pytest.raises(UserError, match="one seed: --seeds 0,"):  # a count of 0 is not seed 0
+    seeds.parse("0")
 
 
 def test_seed_config_changes_only_the_seed():
