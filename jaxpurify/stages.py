@@ -183,7 +183,8 @@ def evaluate_encoders(run, stage: str, encoders_: dict[str, Encoder], config, me
 def encoder_metrics(encoder: Encoder, config, train: data.ImageSplit, test: data.ImageSplit, protocols, mesh,
                     backdoor=None) -> dict:
   """acc (and asr, asr_all with `backdoor` = (dataset, trigger, target)) of the first protocol on the frozen
-  encoder's features of `train` and `test`; the other protocols' under `<metric>_<protocol>`."""
+  encoder's features of `train` and `test`; the other protocols' under `<metric>_<protocol>`. A smoke run's step
+  cap (config.limits.max_steps) caps the heads' epochs (`capped_epochs`)."""
   ev = config.evaluate
   features = lambda images, transform=None: evaluation.extract_features(
       encoders.encode_fn(encoder, config.model, transform), images, ev.batch_size, mesh)
@@ -191,8 +192,12 @@ def encoder_metrics(encoder: Encoder, config, train: data.ImageSplit, test: data
   extra = dict(triggered_test_feats=features(test.images, backdoor[1]), target=backdoor[2]) if backdoor else {}
   row = {}
   for protocol in protocols:
+    kwargs = ev[protocol].to_dict()
+    if "epochs" in kwargs:  # a trained head: under a smoke cap, as few whole epochs as reach it
+      kwargs["epochs"] = capped_epochs(config.limits.max_steps, kwargs["epochs"],
+                                       -(-len(train.labels) // kwargs["batch_size"]))
     result = evaluation.evaluate(protocol, train_feats, train.labels, test_feats, test.labels, train.num_classes,
-                                 jax.random.key(config.seed), mesh=mesh, **extra, **ev[protocol].to_dict())
+                                 jax.random.key(config.seed), mesh=mesh, **extra, **kwargs)
     result.pop("loss", None)  # the head's training loss is not a result
     row.update(result if protocol == protocols[0] else {f"{k}_{protocol}": v for k, v in result.items()})
   return row

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from helpers import cli_main, config, run_experiment
 
-from jaxpurify import ablate
+from jaxpurify import ablate, stages
 from jaxpurify.pipeline import Run, link_stages
 
 pytestmark = pytest.mark.integration
@@ -94,13 +94,20 @@ def test_seeds_axis_pools_runs_and_the_seed_changes_the_result(clean_run, tmp_pa
 
 
 def test_smoke_limits_cap_every_stage_and_mock_an_unprepared_data_set(tmp_path, monkeypatch):
-  """What `smoke` sets, on a tiny model: CIFAR-10 (not prepared here) from mock data, 2 steps, 64 test examples."""
+  """What `smoke` sets, on a tiny model: CIFAR-10 (not prepared here) from mock data, 2 steps, 64 test examples,
+  heads trained for the whole epochs that reach 2 steps."""
   monkeypatch.setenv("JAXPURIFY_DATA_DIR", str(tmp_path / "no_data"))
+  fitted = []
+  evaluate = stages.evaluation.evaluate
+  monkeypatch.setattr(stages.evaluation, "evaluate",
+                      lambda protocol, *args, **kwargs: fitted.append((protocol, kwargs.get("epochs")))
+                      or evaluate(protocol, *args, **kwargs))
   workdir = str(tmp_path / "capped")
   evaluations, _ = run_experiment("simclr:tiny", workdir, "data.name=cifar10", "data.mock_examples=256",
                                   "evaluate.datasets=('cifar10',)", "limits.max_steps=2",
-                                  "limits.max_eval_examples=64")
+                                  "limits.max_eval_examples=64", "evaluate.mlp.batch_size=32")
   assert read(workdir, "pretrain/done.json") == {"steps": 2, "examples": 256}
+  assert fitted == [("mlp", 1), ("knn", None)]  # 64 training examples at batch 32: one epoch is 2 steps (of 5)
   assert [m["step"] for m in read(workdir, "pretrain/metrics.jsonl")] == [2]
   acc = evaluations["clean/cifar10"]["acc"]
   assert acc * 64 == pytest.approx(round(acc * 64))  # a fraction of the 64 capped test examples

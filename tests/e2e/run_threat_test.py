@@ -47,6 +47,8 @@ def test_tcore_under_threat_2_writes_rows_diagnostics_and_resumes(clean_run, thr
   assert sum(diagnostics["filter"]["pruned"].values()) == diagnostics["filter"]["pruned_total"]
   core = diagnostics["bootstrap/ft_all"]  # from the seeds the expansion kept trusted, then one growth stage
   assert len(core) == 2 and 100 <= core[0]["count"] <= 200 and core[1]["count"] >= core[0]["count"]
+  for stage in ("expand0_pretrain", "expand0_confuse", "tcore_filter", "boot0_ft_all"):  # each a finished stage
+    assert os.path.exists(os.path.join(workdir, stage, "done.json")), stage
   before = os.path.getmtime(os.path.join(workdir, "tcore_filter", "done.json"))
   again, out = run_experiment(*args)  # a finished run resumes to the same table without recomputing
   assert os.path.getmtime(os.path.join(workdir, "tcore_filter", "done.json")) == before

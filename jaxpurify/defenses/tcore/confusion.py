@@ -262,8 +262,10 @@ def confusion_round(run, config, r: int, encoder: Encoder, images, labels, disti
     return np.load(path)
   graphdef, state, step, dataset, num_steps, train_config = pretraining(
       config, rs, encoder, images[distilled], labels[distilled], num_classes, mesh)
-  state = stages.train(run, f"expand{r}_pretrain", state, step, dataset.batch, train_config, num_steps, mesh,
-                       config.seed + r)
+  pretrain = f"expand{r}_pretrain"
+  state = stages.trained(run, pretrain, state, num_steps, lambda: stages.train(
+      run, pretrain, state, step, dataset.batch, train_config, num_steps, mesh, config.seed + r),
+                         {"examples": len(distilled)})
   base_pred = np.argmax(finetune.logits(config, graphdef, state, images[seeds], mesh), -1).astype(np.int32)
   tx = round_optimizer(rs)
   state = restart(state, tx, mesh)
