@@ -101,6 +101,7 @@ def two_processes(workdir):
                   env=env | {"JAX_PROCESS_ID": str(i)}) for i in range(2)]
 
 
+@pytest.mark.extended  # 120-160 s beside the other worker (it took CI from 9.5 to 13 min); sharded steps: default
 def test_two_processes_run_one_experiment_resume_after_both_are_killed_and_match_one_process(clean_run, tmp_path):
   workdir = str(tmp_path / "two")
   procs = two_processes(workdir)
