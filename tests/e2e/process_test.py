@@ -104,7 +104,9 @@ def two_processes(workdir):
 
 
 def test_two_processes_run_one_experiment_resume_after_both_are_killed_and_match_one_process(tmp_path):
-  workdir = str(tmp_path / "two")
+  workdir, reference = str(tmp_path / "two"), str(tmp_path / "one")
+  # One process over the same 2 devices, beside the two (it fills their waits on each other).
+  one_process = main_py("--config", TINY, "--workdir", reference, *SHORT, devices=2)
   procs = two_processes(workdir)
   ckpt = os.path.join(workdir, "pretrain", "ckpt")
   deadline = time.time() + 300
@@ -118,8 +120,8 @@ def test_two_processes_run_one_experiment_resume_after_both_are_killed_and_match
   outs = [proc.communicate(timeout=600) for proc in procs]
   assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outs]
   assert "| clean/digits |" in outs[0][0] and "| clean/digits |" not in outs[1][0]  # process 0 reports
-  reference = str(tmp_path / "one")
-  run_to_end(reference, *SHORT, devices=2)  # one process over the same 2 devices
+  _, err = one_process.communicate(timeout=600)
+  assert one_process.returncode == 0, err[-3000:]
   two, one = read(workdir, "pretrain/metrics.jsonl"), read(reference, "pretrain/metrics.jsonl")
   assert [m["step"] for m in two] == [m["step"] for m in one] == [4, 8]  # resumed, each step logged once
   # The cross-process (gloo) sums run in another order than one process's: equal at the first log to float
