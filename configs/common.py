@@ -67,10 +67,10 @@ def limits() -> ml_collections.ConfigDict:
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The full config at a few steps: the same model, batches, image sizes, classes, data sets and stages, with
   every training stage capped at 3 steps, every evaluated split at 256 examples, and data sets that are not
-  prepared served by tfds mock data (4,096 examples per split from the real feature specs: enough for the
-  defender's 5% to fill a batch of 128)."""
+  prepared served by tfds mock data (5,000 examples per split, STL-10's train size, from the real feature specs,
+  labels balanced: enough for the defender's 5% to fill a batch of 128 and for a clean-label attack's 10%)."""
   c.limits.update(max_steps=3, max_eval_examples=256)
-  c.data.mock_examples = 4096
+  c.data.mock_examples = 5000
   return c
 
 
