@@ -23,7 +23,7 @@ CELLS = (["simclr:smoke", "moco:smoke", "byol:smoke", "drupe:smoke", "ctrl:smoke
             "tcore:threat=3,attack=badnets,smoke"]
          + [f"baseline:defense={defense},attack=badencoder,smoke"  # the encoder-side defenses
             for defense in ("nad", "mimic", "ssl_cleanse", "decree", "clp")])
-# The mock pre-training set's 5% (204 images) is below SSL-Cleanse's mitigator batch of 1536 (CIFAR-10's 2,500 hold it)
+# The mock pre-training set's 5% (250 images) is below SSL-Cleanse's mitigator batch of 1536 (CIFAR-10's 2,500 hold it)
 OVERRIDES = {cell: ("baseline.ssl_cleanse.train.batch_size=128",) for cell in CELLS if cell.startswith("baseline:")}
 # The field through which a config reads a finished pre-training run (as the configs' docstrings run them): these
 # cells start from the SimCLR cell's encoder instead of pre-training their own (2 minutes a cell on 2 cores).
