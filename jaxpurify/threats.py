@@ -41,10 +41,16 @@ __getattr__ = moved(__name__, {**{name: f"jaxpurify.finetune.{name}" for name in
 
 
 def poison_block(config):
-  """config.poison with its seed set: config.poison.seed, or config.seed where that is unset."""
+  """config.poison with its seed set: config.poison.seed, or config.seed where that is unset. Under a smoke run's
+  step cap (config.limits.max_steps) the Label-Consistent PGDs (adversarial training's and the poisoning's) also
+  take at most that many iterations: the same shapes and code, minutes instead of hours on a CPU."""
   block = config.poison.copy_and_resolve_references()
   if block.seed is None:
     block.seed = config.seed
+  cap = config.limits.max_steps
+  if cap and "label_consistent" in block:
+    for pgd in (block.label_consistent.adv_train, block.label_consistent.attack):
+      pgd.steps = min(pgd.steps, cap)
   return block
 
 

@@ -267,3 +267,19 @@ def test_check_config_names_the_field(field, value, message):
   (block[group] if group else block)[name] = value
   with pytest.raises(UserError, match=message.replace(".", r"\.")):
     lc.check_config(block, 32)
+
+
+def test_a_smoke_runs_step_cap_caps_both_pgds_and_only_under_smoke():
+  """`threat.py:...,smoke` keeps the full config's PGD sizes but at most limits.max_steps iterations (3): the
+  full config's 100 poisoning iterations took hours on a 2-core CPU. Without the cap the config's counts stand."""
+  from helpers import config
+  from jaxpurify import threats
+  full = threats.poison_block(config("threat:threat=2,attack=label_consistent"))
+  assert (full.label_consistent.adv_train.steps, full.label_consistent.attack.steps) == (7, 100)
+  smoke = config("threat:threat=2,attack=label_consistent,smoke")
+  block = threats.poison_block(smoke)
+  assert (block.label_consistent.adv_train.steps, block.label_consistent.attack.steps) == (3, 3)
+  assert (block.label_consistent.attack.eps, block.label_consistent.train.batch_size) == (8 / 255, 128)
+  assert smoke.poison.label_consistent.attack.steps == 100  # the config itself is left as written
+  quick = threats.poison_block(config("threat:threat=2,attack=label_consistent,quick", "limits.max_steps=2"))
+  assert (quick.label_consistent.adv_train.steps, quick.label_consistent.attack.steps) == (2, 2)
