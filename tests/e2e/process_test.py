@@ -103,20 +103,40 @@ def two_processes(workdir):
                   env=env | {"JAX_PROCESS_ID": str(i)}) for i in range(2)]
 
 
-def test_two_processes_run_one_experiment_resume_after_both_are_killed_and_match_one_process(tmp_path):
+@pytest.fixture
+def reaped():
+  """A list for the processes a test starts: those still running at its end, passed or failed, are killed."""
+  procs = []
+  yield procs
+  for proc in procs:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+
+
+def killed(procs) -> list[str]:
+  """Kills the processes still running -> each one's last 2,000 characters of stderr (a failure's message)."""
+  for proc in procs:
+    if proc.poll() is None:
+      proc.kill()
+  return [proc.communicate()[1][-2000:] for proc in procs]
+
+
+def test_two_processes_run_one_experiment_resume_after_both_are_killed_and_match_one_process(tmp_path, reaped):
   workdir, reference = str(tmp_path / "two"), str(tmp_path / "one")
   # One process over the same 2 devices, beside the two (it fills their waits on each other).
   one_process = main_py("--config", TINY, "--workdir", reference, *SHORT, devices=2)
   procs = two_processes(workdir)
+  reaped.extend([one_process, *procs])
   ckpt = os.path.join(workdir, "pretrain", "ckpt")
   deadline = time.time() + 300
   while not (os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):
-    assert all(p.poll() is None for p in procs) and time.time() < deadline, [p.communicate() for p in procs]
+    if not (all(p.poll() is None for p in procs) and time.time() < deadline):
+      pytest.fail(f"no checkpoint from the two processes: {killed(procs)}")
     time.sleep(0.1)
-  for proc in procs:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+  killed(procs)
   procs = two_processes(workdir)
+  reaped.extend(procs)
   outs = [proc.communicate(timeout=600) for proc in procs]
   assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outs]
   assert "| clean/digits |" in outs[0][0] and "| clean/digits |" not in outs[1][0]  # process 0 reports
