@@ -25,9 +25,9 @@ def _eigen_convolutions_on_x86_cpus():
   """jaxlib 0.10's XLA:CPU hands large convolutions to YNNPACK; on x86 those ran jaxpurify's ResNet steps slower
   than XLA's Eigen convolutions (2-core Xeon, images/s YNNPACK -> Eigen: SimCLR step at width 64, batch 256,
   13.6 -> 24.2; at width 16, batch 128: SimCLR 96 -> 135, BadEncoder 102 -> 117, distillation 142 -> 166, FT-all
-  268 -> 434; width 8 within noise). So convolutions go to Eigen, through XLA_FLAGS before the backend starts,
-  unless XLA_FLAGS already names the YNN fusion types. GPU and TPU backends ignore xla_cpu_ flags; another jaxlib
-  (which may not know the flag: XLA aborts on unknown flags) is left alone."""
+  268 -> 434; width 8: up to 1.15x or within noise). So convolutions go to Eigen, through XLA_FLAGS before the
+  backend starts, unless XLA_FLAGS already names the YNN fusion types. GPU and TPU backends ignore xla_cpu_ flags;
+  another jaxlib (which may not know the flag: XLA aborts on unknown flags) is left alone."""
   flags = os.environ.get("XLA_FLAGS", "")
   if (platform.machine().lower() not in ("x86_64", "amd64") or "xla_cpu_experimental_ynn_fusion_type" in flags
       or not metadata.version("jaxlib").startswith("0.10.")):
