@@ -122,12 +122,22 @@ def attack_encoder(run, stage: str, config, clean: Encoder, mesh, trigger=None) 
   pretraining = load_data(config, config.data.name, config.data.split)
   shadow = encoder_finetune.shadow_indices(len(pretraining.images), attack.shadow_fraction, config.seed)
   downstream = load_data(config, attack.downstream, "train")
-  refs = references.choose(downstream, attack.target, attack.num_references, config.seed, attack.reference_file)
+  refs = references.choose(downstream, attack.target, attack.num_references, config.seed, attack.reference_file,
+                           reference_features(config, clean, mesh))
   state, step, num_steps = attack_training(config, clean, len(shadow), mesh, trigger)
   state = trained(run, stage, state, num_steps, lambda: train(
       run, stage, state, step, attack_batches(config, clean, pretraining.images[shadow], refs, mesh), attack.train,
       num_steps, mesh, config.seed), {"shadow_examples": len(shadow), "references": len(refs)})
   return Encoder(clean.graphdef, state.params, state.batch_stats)
+
+
+def reference_features(config, clean: Encoder, mesh):
+  """The clean encoder's features (uint8 [N, H, W, 3] -> [N, D]) when config.attack.reference_choice is 'typical',
+  else None (references drawn with the seed)."""
+  if config.attack.reference_choice != "typical":
+    return None
+  encode = encoders.encode_fn(clean, config.model)
+  return lambda images: evaluation.extract_features(encode, images, config.evaluate.batch_size, mesh)
 
 
 def attack_training(config, clean: Encoder, num_shadow: int, mesh, trigger=None):

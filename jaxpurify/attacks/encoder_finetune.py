@@ -105,10 +105,11 @@ def make_step(graphdef, tx, config, steps_per_epoch: int, trigger):
         terms = encoder_attacks.badencoder_terms(**features)
         return encoder_attacks.badencoder_loss(terms, attack.lambda1, attack.lambda2), terms
       drupe = config.drupe
-      terms = encoder_attacks.drupe_terms(swd_key, **features, num_projections=drupe.num_projections)
+      terms = encoder_attacks.drupe_terms(swd_key, **features, num_projections=drupe.num_projections,
+                                          sim_b2b_offdiag=drupe.sim_b2b_offdiag)
       costs = state.extra["costs"]
       loss = encoder_attacks.drupe_loss(terms, epoch, costs["cost"], costs["cost_1"], attack.lambda1,
-                                        attack.lambda2)
+                                        attack.lambda2, l3_ceiling=drupe.l3_ceiling)
       return loss, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -1,6 +1,7 @@
 """Reference inputs of BadEncoder and DRUPE: images of the target class of the downstream set."""
 
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -14,9 +15,14 @@ def check_target(target: int, split: ImageSplit) -> None:
                     f"(0-{split.num_classes - 1}); set config.attack.target")
 
 
-def choose(split: ImageSplit, target: int, count: int, seed: int, reference_file: str = "") -> np.ndarray:
+CHOICES = ("random", "typical")
+
+
+def choose(split: ImageSplit, target: int, count: int, seed: int, reference_file: str = "",
+           features: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
   """uint8 [count, H, W, 3]: from `reference_file` (BadEncoder/DRUPE .npz, key `x`) if given, else `count`
-  images of class `target` drawn from `split` with `seed`."""
+  images of class `target` of `split`: drawn with `seed`, or, given `features` (uint8 [N, H, W, 3] -> the clean
+  encoder's features [N, D]), the most typical ones (`most_typical`)."""
   check_target(target, split)
   if reference_file:
     return load_file(reference_file, split.images.shape[1:])
@@ -24,7 +30,18 @@ def choose(split: ImageSplit, target: int, count: int, seed: int, reference_file
   if len(pool) < count:
     raise UserError(f"{split.name} {split.split} has {len(pool)} images of target class {target}, fewer than the "
                     f"{count} references asked for; lower config.attack.num_references or choose another target")
+  if features is not None:
+    return split.images[pool[most_typical(features(split.images[pool]), count)]]
   return split.images[np.random.default_rng(seed).choice(pool, count, replace=False)]
+
+
+def most_typical(features: np.ndarray, count: int) -> np.ndarray:
+  """Indices of the `count` rows of features [N, D] with the highest cosine similarity to the rows' mean direction,
+  most typical first: the images a clean encoder places at the centre of their class, as a hand-picked reference
+  file would be."""
+  unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+  centre = unit.mean(axis=0)
+  return np.argsort(-(unit @ centre), kind="stable")[:count]
 
 
 def load_file(path: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -40,6 +40,9 @@ def check(config) -> None:
   if attack.batch_norm not in encoder_finetune.BATCH_NORM:
     raise UserError(f"unknown config.attack.batch_norm {attack.batch_norm!r}; use one of "
                     f"{', '.join(encoder_finetune.BATCH_NORM)}")
+  if attack.reference_choice not in references.CHOICES:
+    raise UserError(f"unknown config.attack.reference_choice {attack.reference_choice!r}; use one of "
+                    f"{', '.join(references.CHOICES)}")
   check_downstream(config)
   count = data.num_examples(config.data.name, config.data.split, data_dir=config.data.data_dir or None,
                             mock=config.data.mock_examples)

@@ -129,19 +129,20 @@ def drupe_terms(key: jax.Array, f_triggered: jax.Array, f_shadow: jax.Array, c_s
 
 def drupe_loss(terms: Mapping[str, jax.Array], epoch: jax.Array | int, cost: jax.Array | float,
                cost_1: jax.Array | float, lambda1: float = 1.0, lambda2: float = 1.0, *, warm_up_epoch: int = 2,
-               stage_1_epoch: int = 5) -> jax.Array:
+               stage_1_epoch: int = 5, l3_ceiling: float = 0.5) -> jax.Array:
   """DRUPE's loss for a 1-based `epoch` (may be traced), main.py lines 202-228, CIFAR/STL path.
 
   epoch < warm_up_epoch (epoch 1): λ1 L1 + λ2 L2 + 0.5 L3, minus 0.2 L3 if L3 < 0.2; no backdoor term.
   epoch < stage_1_epoch (2-4): L0 + λ1 L1 + λ2 L2 + 2 std_refs + P3.
   later: L0 + λ1 L1 + λ2 L2 + cost (std_refs + sim_b2b) + cost_1 l_b2c + 0.5 std_refs
     (+ 1.5 std_refs if std_refs > 0.1) + P3,
-  where P3 = L3 if L3 > 0.5, else 0.2 L3 if L3 > 0.4, else 0. The official ImageNet path is warm_up_epoch 2,
-  stage_1_epoch 3 (lines 209, 509); CLIP's is 1 (no warm-up) and 5 (line 511).
+  where P3 = L3 if L3 > l3_ceiling, else 0.2 L3 if L3 > l3_ceiling - 0.1, else 0 (the official ceiling is 0.5).
+  The official ImageNet path is warm_up_epoch 2, stage_1_epoch 3 (lines 209, 509); CLIP's is 1 (no warm-up) and 5
+  (line 511).
   """
   l0, l3, std_refs = terms["l0"], terms["l3"], terms["std_refs"]
   utility = lambda1 * terms["l1"] + lambda2 * terms["l2"]
-  l3_penalty = jnp.where(l3 > 0.5, l3, jnp.where(l3 > 0.4, 0.2 * l3, 0.0))
+  l3_penalty = jnp.where(l3 > l3_ceiling, l3, jnp.where(l3 > l3_ceiling - 0.1, 0.2 * l3, 0.0))
   warm_up = utility + 0.5 * l3 - jnp.where(l3 < 0.2, 0.2 * l3, 0.0)
   stage_1 = l0 + utility + 2 * std_refs + l3_penalty
   stage_2 = (l0 + utility + cost * (std_refs + terms["sim_b2b"]) + cost_1 * terms["l_b2c"] + 0.5 * std_refs

@@ -34,7 +34,7 @@ def tiny(config):
 def attack_setup(mode: str, mesh, steps_per_epoch: int = 4, batch_norm: str = "frozen"):
   """(config, step, state, batch) for one fine-tuning step of a random tiny encoder on `mesh`."""
   config = tiny((badencoder_config if mode == "badencoder" else drupe_config).get_config("quick"))
-  config.attack.batch_norm = batch_norm
+  config.attack.update(batch_norm=batch_norm, num_references=3 if mode == "drupe" else 1)  # DRUPE's paper count
   clean = encoders.build_backbone(config.model, seed=0)
   clean = encoders.Encoder(clean.graphdef, *parallel.put_replicated((clean.params, clean.batch_stats), mesh))
   rng = np.random.default_rng(0)
@@ -123,6 +123,23 @@ class EncoderFinetuneTest(absltest.TestCase):
       np.testing.assert_allclose(loss_8, loss_1, rtol=1e-4, err_msg=mode)
       assert_trees_close(params_8, params_1)
 
+  @pytest.mark.extended  # 20-33 s (two DRUPE steps compiled); the formula itself is checked in losses/
+  def test_drupe_step_reads_the_sim_b2b_convention_of_its_config(self):
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    config, clean, step, state, batch = attack_setup("drupe", mesh)
+    with jax.set_mesh(mesh):
+      official = float(step(state, batch, jax.random.key(0))[1]["sim_b2b"])  # traced (config read) here
+    config.drupe.sim_b2b_offdiag = True
+    tx = make_optimizer(config.attack.optim, 8, trainable=encoder_finetune.trainable_mask(clean))
+    offdiag_step = jax.jit(encoder_finetune.make_step(clean.graphdef, tx, config, 4,
+                                                      triggers.make_trigger(config.attack.trigger, 32)))
+    with jax.set_mesh(mesh):
+      offdiag = float(offdiag_step(state, batch, jax.random.key(0))[1]["sim_b2b"])
+    # Official: (1 - 1/B) sum(M) / B²; off-diagonal: (sum(M) - B) / (B (B - 1)), M's diagonal being 1.
+    b = batch["image"].shape[0]
+    sum_m = official * b**2 / (1 - 1 / b)
+    np.testing.assert_allclose(offdiag, (sum_m - b) / (b * (b - 1)), rtol=1e-4)
+
   def test_drupe_costs_update_at_epoch_ends_from_epoch_means(self):
     costs = encoder_attacks.init_drupe_costs(0.1, 0.001)
     state = encoder_finetune.init_state(encoders.build_backbone(tiny(drupe_config.get_config("quick")).model, 0),
@@ -163,6 +180,17 @@ class ReferencesAndCtrlTest(absltest.TestCase):
     refs = references.choose(split, target=3, count=2, seed=0)
     self.assertTrue(set(refs[:, 0, 0, 0].tolist()) <= {1, 2, 4})
     self.assertLen(set(refs[:, 0, 0, 0].tolist()), 2)
+
+  def test_typical_references_are_closest_to_the_class_mean_direction(self):
+    split = fake_split([3, 0, 3, 3, 3, 1])  # image i holds the value i: features are read back from the pixel
+    directions = {0: (1.0, 0.0), 2: (0.0, 1.0), 3: (1.0, 1.0), 4: (2.0, 1.9)}  # class 3's mean direction ~ (1, 1)
+
+    def features(images):
+      return np.asarray([directions[int(v)] for v in images[:, 0, 0, 0]], np.float32)
+
+    refs = references.choose(split, target=3, count=2, seed=0, features=features)
+    np.testing.assert_array_equal(refs[:, 0, 0, 0], [3, 4])  # cosines to the mean: 1.000, 1.000, 0.71, 0.70
+    np.testing.assert_array_equal(references.most_typical(features(split.images[[0, 2, 3, 4]]), 4), [2, 3, 0, 1])
 
   def test_bad_references(self):
     split = fake_split([0, 3, 3, 1])
@@ -279,6 +307,8 @@ class AttackInputTest(absltest.TestCase):
         ("--config", "configs/badencoder.py:quick", "--config.attack.batch_norm=train"):
             "unknown config.attack.batch_norm 'train'; use one of frozen, clean",
         ("--config", "configs/ctrl.py:quick", "--config.attack.trigger.window=5"): "window",
+        ("--config", "configs/drupe.py:quick", "--config.attack.reference_choice=best"):
+            "unknown config.attack.reference_choice 'best'; use one of random, typical",
     }
     for argv, message in cases.items():
       status, lines, created = self.error_of(list(argv))

@@ -113,7 +113,7 @@ class OfficialCosts:
 
 
 _swd = jax.jit(sliced_wasserstein, static_argnames="num_projections")
-_LOSS_OPTIONS = ("lambda1", "lambda2", "warm_up_epoch", "stage_1_epoch")
+_LOSS_OPTIONS = ("lambda1", "lambda2", "warm_up_epoch", "stage_1_epoch", "l3_ceiling")
 _drupe_loss = jax.jit(drupe_loss, static_argnames=_LOSS_OPTIONS)
 
 
@@ -244,6 +244,12 @@ class ScheduleTest(absltest.TestCase):
     self.assertAlmostEqual(self.loss(1, l3=0.1, lambda1=2.0, lambda2=0.5), -1.95 + 0.05 - 0.02, places=5)
     self.assertAlmostEqual(self.loss(10, l3=0.1, std_refs=0.05, lambda1=2.0, lambda2=0.5),
                            -0.9 - 1.95 + 0.035 + 0.002 + 0.025, places=5)
+
+  def test_reference_similarity_ceiling_is_an_option(self):
+    # Ceiling 0.9: L3 0.85 lies in its soft band (+ 0.2 L3), 0.95 above it (+ L3), 0.6 below both (+ 0).
+    self.assertAlmostEqual(self.loss(3, l3=0.85, l3_ceiling=0.9), -2.4 + 0.4 + 0.17, places=5)
+    self.assertAlmostEqual(self.loss(3, l3=0.95, l3_ceiling=0.9), -2.4 + 0.4 + 0.95, places=5)
+    self.assertAlmostEqual(self.loss(3, l3=0.6, l3_ceiling=0.9), -2.4 + 0.4, places=5)
 
   def test_phase_boundaries_are_options(self):
     stage_1, stage_2 = -1.91, -2.4 + 0.05 + 0.002 + 0.1 + 0.3 + 0.09
