@@ -35,7 +35,7 @@ def experiment(threat: int, attack: str, encoder: str, downstream: str, protocol
   the most pruning of u in {2, 2.5, 3, 4, 5} that keeps the trusted set's 1-NN accuracy within 1 point. boot: from the
   seeds, 3 growth stages to 60 / 80 / 95% of each class, admitting samples predicted as their label with confidence >=
   0.8, 1000 steps per stage with config.finetune's optimiser and batch. quick: two rounds (1/2, 1/5) of 150 confusion
-  steps after 5 epochs each (Adam 1e-3), 200 steps per bootstrapping stage.
+  steps after 5 epochs each (Adam 1e-3), 200 steps per bootstrapping stage, u from 2.5 (docs/tcore.md).
   """
   protocols = {"ft_all": ("ft_all",), "ft_head": ("ft_head",), "both": ("ft_head", "ft_all")}
   if protocol not in protocols:
@@ -59,4 +59,5 @@ def experiment(threat: int, attack: str, encoder: str, downstream: str, protocol
     c.tcore.expand.update(ratios=(1 / 2, 1 / 5), lambdas=(20.0, 20.0), lrs=(1e-3, 1e-3), iters=(150, 150),
                           pretrain_epochs=(5, 5), pretrain_optim=common.optim("adam", 1e-3, 0.0), log_every=25)
     c.tcore.boot.steps_per_stage = 200
+    c.tcore.filter.u_grid = (2.5, 3.0, 4.0, 5.0)  # u 2.0 prunes 16-24 of the width-8 encoder's channels
   return c
