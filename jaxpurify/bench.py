@@ -4,11 +4,12 @@ drupe), distillation (distill), downstream fine-tuning (threat: the last of conf
 confusion training (tcore).
 
   python -m jaxpurify.bench [--config configs/simclr.py[:ARGS]] [--config.a.b=V ...] [--steps N]
-                            [--warmup N] [--json PATH] [--compare torch]
+                            [--warmup N] [--json PATH] [--compare torch] [--profile DIR]
 
 Prints device, compile time, step time, images/s, peak memory, XLA's FLOPs per step and the
 utilisation of the device's peak. `--compare torch` then times the PyTorch reference of the same step
-(`benchmarks/torch_reference`, benchmarks/README.md) and prints its images/s and the ratio.
+(`benchmarks/torch_reference`, benchmarks/README.md) and prints its images/s and the ratio. `--profile DIR`
+writes a `jax.profiler` trace of PROFILED_STEPS more steps, after the timed ones, to DIR.
 Bad input ends in one `error: ...` line and exit status 2.
 """
 
@@ -24,7 +25,8 @@ from jaxpurify.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "simclr.py")
 USAGE = ("usage: python -m jaxpurify.bench [--config configs/simclr.py[:ARGS]] [--config.a.b=V ...] "
-         "[--steps N] [--warmup N] [--json PATH] [--compare torch]")
+         "[--steps N] [--warmup N] [--json PATH] [--compare torch] [--profile DIR]")
+PROFILED_STEPS = 3
 
 # Peak dense (no sparsity) TFLOP/s per device, vendor data sheets: 'fp32' on CUDA cores, 'tf32' and
 # 'bf16' on tensor cores / the TPU MXU. Keys are `device.device_kind`; every A100 variant has one row.
@@ -75,11 +77,12 @@ def _compare(text: str) -> str:
 
 
 def parse_argv(argv: list[str]) -> cli.Args:
-  """cli.parse_argv with --steps, --warmup, --json and --compare; --config defaults to the full SimCLR config."""
+  """cli.parse_argv with --steps, --warmup, --json, --compare and --profile; --config defaults to the full SimCLR
+  config."""
   if not any(a == "--config" or a.startswith("--config=") for a in argv):
     argv = [f"--config={DEFAULT_CONFIG}", *argv]
   return cli.parse_argv(argv, USAGE, {"steps": (20, _count(1)), "warmup": (3, _count(0)), "json": (None, str),
-                                      "compare": (None, _compare)}, workdir=False)
+                                      "compare": (None, _compare), "profile": (None, str)}, workdir=False)
 
 
 def peak_memory() -> tuple[int, int] | None:
@@ -90,8 +93,9 @@ def peak_memory() -> tuple[int, int] | None:
   return max(s["peak_bytes_in_use"] for s in stats), min(s.get("bytes_limit", 0) for s in stats)
 
 
-def measure(config, steps: int, warmup: int) -> dict:
-  """Builds, compiles and times config's training step; returns the numbers `report` prints."""
+def measure(config, steps: int, warmup: int, profile: str | None = None) -> dict:
+  """Builds, compiles and times config's training step; returns the numbers `report` prints. With `profile` (a
+  folder), a jax.profiler trace of PROFILED_STEPS further steps goes there."""
   size = config.data.image_size
   mesh = parallel.make_mesh(config.mesh)
   with jax.set_mesh(mesh):
@@ -115,6 +119,9 @@ def measure(config, steps: int, warmup: int) -> dict:
     tick = time.perf_counter()
     run(warmup, steps)
     step_s = (time.perf_counter() - tick) / steps
+    if profile:
+      with jax.profiler.trace(profile):
+        run(warmup + steps, PROFILED_STEPS)
 
   device = jax.devices()[0]
   memory = peak_memory()
@@ -202,9 +209,14 @@ def main(argv: list[str]) -> int:
                         "or set config.model.name to a ResNet")
       from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  (the repository's, not packaged)
       torch_reference.check(config)  # before the JAX side: a missing torch or reference fails fast
-    result = measure(config, args.extra["steps"], args.extra["warmup"])
+    if (profile := args.extra["profile"]) and os.path.exists(profile) and not os.path.isdir(profile):
+      raise UserError(f"--profile {profile} is a file; pass a folder for the trace")
+    result = measure(config, args.extra["steps"], args.extra["warmup"], profile)
     name = os.path.relpath(args.config) + (f":{args.arg}" if args.arg else "")
     print(report(result, name), flush=True)
+    if profile:
+      print(f"{'profile':<12} {PROFILED_STEPS} more steps traced in {profile} (jax.profiler: open it with XProf or "
+            "TensorBoard's profile plugin)", flush=True)
     if args.extra["compare"]:
       result["torch"] = torch_reference.measure(config, args.extra["steps"], args.extra["warmup"])
       result["ratio_vs_torch"] = result["images_per_s"] / result["torch"]["images_per_s"]

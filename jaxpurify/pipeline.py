@@ -133,6 +133,10 @@ class Run:
     _write_json(os.path.join(self.stage_dir(stage), "done.json"), record)
     return record
 
+  def write_json(self, name: str, obj) -> None:
+    """Writes `obj` to WORKDIR/name as JSON, atomically."""
+    _write_json(os.path.join(self.workdir, name), obj)
+
   def write_results(self, evaluations: dict[str, dict], diagnostics: dict | None = None) -> str:
     """Writes results.json and results.md (evaluations, then any diagnostics); returns the Markdown text."""
     results = {"experiment": self.name, "evaluations": evaluations, "seed": self.config.seed}

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxpurify import data, encoders, evaluation, parallel, triggers
+from jaxpurify import data, encoders, evaluation, parallel, timing, triggers
 from jaxpurify.attacks import encoder_finetune, references
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.encoders import Encoder
@@ -184,6 +184,7 @@ def evaluate_encoders(run, stage: str, encoders_: dict[str, Encoder], config, me
       evaluations[f"{name}/{dataset}"] = encoder_metrics(encoder, config, train, test, (ev.protocol, *ev.monitors),
                                                          mesh, attacked)
   run.finish(stage, {"evaluations": evaluations})
+  timing.record(stage, evaluate_s=time.perf_counter() - tick)
   if jax.process_index() == 0:
     print(f"{stage}: {len(encoders_)} encoder(s) on {', '.join(ev.datasets)}, {time.perf_counter() - tick:.1f} s",
           flush=True)

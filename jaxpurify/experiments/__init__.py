@@ -16,7 +16,7 @@ from types import ModuleType
 
 import jax
 
-from jaxpurify import data, interop, parallel, validation
+from jaxpurify import data, interop, parallel, timing, validation
 from jaxpurify.errors import UserError
 from jaxpurify.evaluation import PROTOCOLS
 from jaxpurify.models import check_name
@@ -71,13 +71,17 @@ def check(config) -> ModuleType:
 
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the experiment in `workdir`; prints and returns its evaluations (an experiment may also
-  return diagnostics, which go to results.json and results.md beside them)."""
+  return diagnostics, which go to results.json and results.md beside them) and where the time went (time.json:
+  each stage's compile, training and evaluation seconds in this process)."""
+  timing.start()
   experiment = check(config)
   mesh = parallel.make_mesh(config.mesh)
   with claimed(config, workdir) as run_, jax.set_mesh(mesh):
     result = experiment.run(run_, mesh)
     evaluations, diagnostics = result if isinstance(result, tuple) else (result, None)
     table = run_.write_results(evaluations, diagnostics)
+    times, time_line = timing.summary()
+    run_.write_json("time.json", times)
   if jax.process_index() == 0:
-    print(f"\n{table}\n\nresults: {workdir}/results.json")
+    print(f"\n{table}\n\n{time_line}\nresults: {workdir}/results.json")
   return evaluations

@@ -9,6 +9,10 @@ channel-Lipschitz defenses.
 Mixed precision: with `dtype=jnp.bfloat16` convolutions compute in bfloat16 on float32 parameters; BatchNorm takes
 its statistics and normalises in float32 (Flax keeps its reductions in float32) and the running statistics stay
 float32. The pooled feature and the taps are returned in float32, so every loss downstream reduces in float32.
+
+On XLA:CPU every convolution's input goes through `held` (identity): without it XLA recomputes the BatchNorm, ReLU and
+residual chain behind an activation inside the transposes of each kernel gradient, with strided reads, which took
+more than half of a training step at width 8 (docs/benchmark.md#cpu-steps-stored-activations-and-huge-pages).
 """
 
 from collections.abc import Sequence
@@ -21,6 +25,15 @@ from flax import nnx
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_
+
+
+def held(x):
+  """x [B, H, W, C] unchanged, kept in memory as computed for the forward pass instead of recomputed by its
+  consumers: on the CPU backend, x / (1 + 0 x), a division XLA cannot fold and its fusion does not duplicate (a
+  divisor of another shape becomes a cheap multiplication by its reciprocal, which XLA duplicates); elsewhere x."""
+  if jax.default_backend() != "cpu":
+    return x
+  return x / (1 + 0 * jax.lax.stop_gradient(x))
 
 
 def _conv(cin, cout, kernel, stride, dtype, rngs):
@@ -49,8 +62,8 @@ class BasicBlock(nnx.Module):
     self.shortcut = _shortcut(cin, width, stride, dtype, rngs)
 
   def __call__(self, x, train: bool):
-    ura = not train
-    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
+    ura, x = not train, held(x)
+    y = held(jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura)))
     y = self.bn2(self.conv2(y), use_running_average=ura)
     if self.shortcut is not None:
       conv, bn = self.shortcut
@@ -69,9 +82,9 @@ class Bottleneck(nnx.Module):
     self.shortcut = _shortcut(cin, cout, stride, dtype, rngs)
 
   def __call__(self, x, train: bool):
-    ura = not train
-    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
-    y = jax.nn.relu(self.bn2(self.conv2(y), use_running_average=ura))
+    ura, x = not train, held(x)
+    y = held(jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura)))
+    y = held(jax.nn.relu(self.bn2(self.conv2(y), use_running_average=ura)))
     y = self.bn3(self.conv3(y), use_running_average=ura)
     if self.shortcut is not None:
       conv, bn = self.shortcut
@@ -112,7 +125,7 @@ class ResNet(nnx.Module):
 
   def __call__(self, x, train: bool = False):
     """x: [B, H, W, 3] normalised -> (feature [B, D], {'layer<i>': stage output [B, H_i, W_i, C_i]}), float32."""
-    x = jax.nn.relu(self.stem_bn(self.stem_conv(x.astype(self.dtype)), use_running_average=not train))
+    x = jax.nn.relu(self.stem_bn(self.stem_conv(held(x.astype(self.dtype))), use_running_average=not train))
     if self.stem == "imagenet":
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     taps = {}

@@ -8,6 +8,7 @@ import jax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from jaxpurify import timing
 from jaxpurify.errors import UserError
 from jaxpurify.train import checkpoint, signals
 from jaxpurify.train.metrics import MetricWriter, non_finite, to_python
@@ -45,6 +46,7 @@ def run_steps(stage_dir: str, stage: str, state, step_fn: Callable, batch_fn: Ca
     bar.close()
   if num_steps > start and jax.process_index() == 0:
     train_s = time.perf_counter() - tick - compile_s
+    timing.record(stage, compile_s=compile_s, train_s=train_s)
     print(f"{stage}: {num_steps - start} steps, compile {compile_s:.1f} s, train {train_s:.1f} s "
           f"({images_per_step * (num_steps - start) / max(train_s, 1e-9):.0f} images/s)", flush=True)
   if num_steps > start and mngr.latest_step() != num_steps:

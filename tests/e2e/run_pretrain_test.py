@@ -32,6 +32,13 @@ def test_tiny_run_writes_results(clean_run):
   assert [m["step"] for m in metrics] == list(range(4, 45, 4))  # 1437 // 64 = 22 steps per epoch
   assert {"loss", "l2_grads", "l2_params", "l2_updates", "images_per_s"} <= set(metrics[-1])
   assert read(workdir, "config.json")["pretrain"]["train"]["epochs"] == 2
+  times = read(workdir, "time.json")
+  assert [s["stage"] for s in times["stages"]] == ["pretrain", "evaluate"]
+  assert set(times["stages"][0]) == {"stage", "compile_s", "train_s"} and set(times["stages"][1]) == {"stage",
+                                                                                                      "evaluate_s"}
+  counted = sum(v for s in times["stages"] for k, v in s.items() if k != "stage")
+  assert 0 < counted <= times["total_s"] and math.isclose(times["other_s"], times["total_s"] - counted, abs_tol=1e-6)
+  assert "time (compile + train per stage): pretrain " in out and f"total {times['total_s']:.1f} s" in out
 
 
 def test_rerun_of_a_finished_run_recomputes_nothing(clean_run):
@@ -41,6 +48,7 @@ def test_rerun_of_a_finished_run_recomputes_nothing(clean_run):
   assert os.path.getmtime(os.path.join(workdir, "pretrain", "metrics.jsonl")) == before
   assert evaluations == read(workdir, "results.json")["evaluations"] and "| clean/digits |" in out
   assert "steps, compile" not in out and "evaluate:" not in out  # no stage ran, so none reports its time
+  assert read(workdir, "time.json")["stages"] == [] and "per stage): nothing ran;" in out
 
 
 def test_corrupt_checkpoint_is_one_line(clean_run, tmp_path):

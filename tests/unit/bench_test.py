@@ -133,9 +133,17 @@ class BenchTest(absltest.TestCase):
     # Two trained student views (forward + backward, about 3 forwards each) and one inference teacher view.
     self.assertBetween(results["distill"]["flops_per_step"] / results["simclr"]["flops_per_step"], 1.05, 1.4)
 
+  def test_profile_writes_a_trace_of_the_extra_steps(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      status, out, _ = run_bench(*TINY[:-4], "--steps", "1", "--warmup", "0", "--profile", tmp)
+      self.assertEqual(status, 0)
+      self.assertIn(f"profile      3 more steps traced in {tmp}", out)
+      traces = [name for _, _, names in os.walk(tmp) for name in names if name.endswith(".xplane.pb")]
+      self.assertLen(traces, 1)
+
   def test_bad_input_is_one_error_line(self):
     for argv in (["--config.model.depth=3"], ["--steps", "0"], ["--workdir", "x"],
-                 ["--config", "configs/nope.py"]):
+                 ["--config", "configs/nope.py"], ["--profile", os.path.abspath(__file__)]):
       status, out, err = run_bench(*argv)
       self.assertEqual(status, 2, argv)
       self.assertEqual(out, "")
