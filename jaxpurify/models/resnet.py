@@ -27,13 +27,20 @@ BN_EPSILON = 1e-5
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's kaiming_normal_
 
 
+@jax.custom_jvp
 def held(x):
   """x [B, H, W, C] unchanged, kept in memory as computed for the forward pass instead of recomputed by its
   consumers: on the CPU backend, x / (1 + 0 x), a division XLA cannot fold and its fusion does not duplicate (a
-  divisor of another shape becomes a cheap multiplication by its reciprocal, which XLA duplicates); elsewhere x."""
+  divisor of another shape becomes a cheap multiplication by its reciprocal, which XLA duplicates); elsewhere x.
+  Its derivative is the identity, so the backward pass does no work for it."""
   if jax.default_backend() != "cpu":
     return x
-  return x / (1 + 0 * jax.lax.stop_gradient(x))
+  return x / (1 + 0 * x)
+
+
+@held.defjvp
+def _held_jvp(primals, tangents):
+  return held(*primals), tangents[0]
 
 
 def _conv(cin, cout, kernel, stride, dtype, rngs):
