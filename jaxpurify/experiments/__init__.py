@@ -72,7 +72,7 @@ def check(config) -> ModuleType:
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) the experiment in `workdir`; prints and returns its evaluations (an experiment may also
   return diagnostics, which go to results.json and results.md beside them) and where the time went (time.json:
-  each stage's compile, training and evaluation seconds in this process)."""
+  each stage's compile, training and evaluation seconds in this process; left as it was when no stage ran)."""
   timing.start()
   experiment = check(config)
   mesh = parallel.make_mesh(config.mesh)
@@ -81,7 +81,8 @@ def run(config, workdir: str) -> dict:
     evaluations, diagnostics = result if isinstance(result, tuple) else (result, None)
     table = run_.write_results(evaluations, diagnostics)
     times, time_line = timing.summary()
-    run_.write_json("time.json", times)
+    if times["stages"]:
+      run_.write_json("time.json", times)
   if jax.process_index() == 0:
     print(f"\n{table}\n\n{time_line}\nresults: {workdir}/results.json")
   return evaluations

@@ -38,17 +38,18 @@ def test_tiny_run_writes_results(clean_run):
                                                                                                       "evaluate_s"}
   counted = sum(v for s in times["stages"] for k, v in s.items() if k != "stage")
   assert 0 < counted <= times["total_s"] and math.isclose(times["other_s"], times["total_s"] - counted, abs_tol=1e-6)
-  assert "time (compile + train per stage): pretrain " in out and f"total {times['total_s']:.1f} s" in out
+  assert "\ntime (compile + train per stage): " in out  # this worker's run, or a rerun where nothing ran
 
 
 def test_rerun_of_a_finished_run_recomputes_nothing(clean_run):
   workdir, _ = clean_run
   before = os.path.getmtime(os.path.join(workdir, "pretrain", "metrics.jsonl"))
+  times = read(workdir, "time.json")
   evaluations, out = run_experiment("simclr:tiny", workdir)
   assert os.path.getmtime(os.path.join(workdir, "pretrain", "metrics.jsonl")) == before
   assert evaluations == read(workdir, "results.json")["evaluations"] and "| clean/digits |" in out
   assert "steps, compile" not in out and "evaluate:" not in out  # no stage ran, so none reports its time
-  assert read(workdir, "time.json")["stages"] == [] and "per stage): nothing ran;" in out
+  assert read(workdir, "time.json") == times and "per stage): nothing ran;" in out  # the working run's times kept
 
 
 def test_corrupt_checkpoint_is_one_line(clean_run, tmp_path):
