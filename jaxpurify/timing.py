@@ -4,13 +4,14 @@
 import time
 
 _stages: dict[str, dict[str, float]] = {}
-_start = [time.perf_counter()]
+_start = time.perf_counter()
 
 
 def start() -> None:
   """Forgets earlier runs' stages and starts the run's clock."""
+  global _start
   _stages.clear()
-  _start[0] = time.perf_counter()
+  _start = time.perf_counter()
 
 
 def record(stage: str, **seconds: float) -> None:
@@ -23,7 +24,7 @@ def record(stage: str, **seconds: float) -> None:
 def summary() -> tuple[dict, str]:
   """-> ({'stages': [{'stage', seconds...}], 'other_s', 'total_s'}, one line): the stages this process ran since
   `start`, in the order they ran; other_s is what no stage counted (data, models, checkpoints)."""
-  total = time.perf_counter() - _start[0]
+  total = time.perf_counter() - _start
   counted = sum(sum(entry.values()) for entry in _stages.values())
   parts = []
   for stage, entry in _stages.items():
