@@ -44,14 +44,16 @@ def experiment(mode: str, downstream: str, method: str, quick: bool) -> ml_colle
     c.drupe = dict(cost=0.1, cost_1=0.001, num_projections=50, sim_b2b_offdiag=False, l3_ceiling=0.5)
   c.evaluate.datasets = (downstream,)
   if quick:
-    # All 1,437 digits as shadow set, at batch 64 (22 steps per epoch). BadEncoder 50 epochs (1,100 steps): its
-    # 165 steps at batch 128 implanted the backdoor in 2 seeds of 5, 660 steps in 4 (docs/encoder-attacks.md).
+    # All 1,437 digits as shadow set. BadEncoder at batch 16, 12 epochs (1,068 steps): the number of steps is what
+    # implants the backdoor (165 steps at batch 128 did in 2 seeds of 5, 660 at batch 64 in 4, 1,100 at batch 64 in
+    # 5); at batch 16 the same steps cost a third of batch 64's time (docs/encoder-attacks.md).
     # DRUPE: at batch 128 its 220 steps left the backdoor at asr 88.9; the utility term weighted 4 (λ2): at 1 it
     # cost 9 points of accuracy on the width-8 encoder. Clean statistics: the frozen ones gave asr 25-95 over seeds
     # 0-4 at up to 11.7 points of accuracy. One reference, the target image the clean encoder finds most typical:
     # three references are pushed apart out of the target class of the 64-dimensional features (asr 82.9 +- 12.7,
     # 55-62 with three typical ones); one typical reference gave 100.00 in every seed of 0-4 (docs/encoder-attacks.md).
-    c.attack.train.update(batch_size=64, epochs=20 if drupe else 50, log_every=10, checkpoint_every=50)
+    c.attack.train.update(batch_size=64 if drupe else 16, epochs=20 if drupe else 12, log_every=10,
+                          checkpoint_every=50 if drupe else 250)
     c.attack.shadow_fraction = 1.0
     if drupe:
       c.attack.update(lambda2=4.0, batch_norm="clean", num_references=1, reference_choice="typical")

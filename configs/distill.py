@@ -33,7 +33,8 @@ def experiment(attack: str, downstream: str, teacher: str, student: str, loss: s
   Team choices (unknown in the paper): teacher fine-tuning 100 epochs at the same lr, student warm-up 500 epochs;
   the student is monitored with the linear probe every 50 epochs (the kNN monitor misses BadEncoder's backdoor
   on digits: asr 0 on the poisoned encoder). quick: 20% of digits (287 images) at batch 64; teacher 10, warm-up
-  30, distillation 30 epochs, monitored every 5.
+  30, distillation 30 epochs, monitored every 5; the clean encoder pre-trained at batch 64 for 12 epochs (264
+  steps, as many as configs/simclr.py:quick's 25 epochs at batch 128, in half the time: the README's quickstart).
 
   loss.taps: the student's taps the map losses compare (default: a ResNet's layer1..layer4, a 12-block ViT's
   block3, block6, block9, block12); loss.teacher_taps: the teacher's, paired in order (default: the same names, or
@@ -53,6 +54,7 @@ def experiment(attack: str, downstream: str, teacher: str, student: str, loss: s
                 clone_weight=ml_collections.config_dict.placeholder(float)),
       ssl=ssl, monitor=dict(every_epochs=50, protocol="linear")))
   if quick:
+    c.pretrain.train.update(batch_size=64, epochs=12)
     c.defense.clean_fraction = 0.2
     c.defense.ssl.train.update(batch_size=64, epochs=30, log_every=10, checkpoint_every=100)
     c.defense.teacher.epochs, c.defense.student.warmup_epochs = 10, 30

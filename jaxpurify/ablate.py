@@ -38,6 +38,7 @@ def main(argv: list[str]) -> int:
   where = {}
 
   def body():
+    cli.enable_compilation_cache()
     parsed = cli.parse_argv(argv, USAGE, {"grid": ("oat", str), "seeds": (None, seeds.parse)})
     grid, seed_list = parsed.extra["grid"], parsed.extra["seeds"]
     if grid not in ("oat", "full", "none") or (grid == "none" and seed_list is None):

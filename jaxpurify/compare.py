@@ -248,6 +248,7 @@ def main(argv: list[str]) -> int:
   where = {}
 
   def body():
+    cli.enable_compilation_cache()
     rest, settings = _settings_flag(argv)
     parsed = cli.parse_argv(rest, USAGE, {"defenses": (None, str), "seeds": (None, seeds.parse)})
     given = parsed.extra["defenses"] or default_defenses(parsed.config)

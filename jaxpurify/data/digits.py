@@ -1,5 +1,7 @@
 """`digits`: scikit-learn's 1,797 real 8x8 handwritten digits, embedded (no download), as RGB images."""
 
+import functools
+
 import numpy as np
 
 from jaxpurify.data.resize import resize_images
@@ -9,10 +11,17 @@ SPLIT_SEED = 0
 
 
 def load_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """images uint8 [N, image_size, image_size, 3] (0-255, bilinear upsampling), labels int32 [N].
+  """images uint8 [N, image_size, image_size, 3] (0-255, bilinear upsampling), labels int32 [N]: the caller's own
+  copies (a run reads each split a dozen times; it is built once per process).
 
   Train and test are a fixed stratified 80/20 split (1,437 / 360).
   """
+  images, labels = _built(split, image_size)
+  return images.copy(), labels.copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _built(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   from sklearn import (  # here: 1.5 s to import, only digits needs it
     datasets,
     model_selection,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpurify.models.batch_norm import BatchNorm
 from jaxpurify.models.resnet import BN_EPSILON, BN_MOMENTUM
 
 
@@ -14,7 +15,7 @@ class ProjectionHead(nnx.Module):
 
   def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.fc1 = nnx.Linear(in_dim, hidden_dim, use_bias=False, dtype=dtype, rngs=rngs)
-    self.bn = nnx.BatchNorm(hidden_dim, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
+    self.bn = BatchNorm(hidden_dim, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
     self.fc2 = nnx.Linear(hidden_dim, out_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, h, train: bool = False):

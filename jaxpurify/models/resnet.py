@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpurify.models.batch_norm import BatchNorm
+
 # PyTorch's BatchNorm momentum 0.1 is Flax's 0.9 (the weight of the old running value).
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
@@ -50,7 +52,7 @@ def _conv(cin, cout, kernel, stride, dtype, rngs):
 
 
 def _bn(c, dtype, rngs):
-  return nnx.BatchNorm(c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
+  return BatchNorm(c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
 
 
 def _shortcut(cin, cout, stride, dtype, rngs):

@@ -60,6 +60,7 @@ from jaxpurify import augment, parallel
 from jaxpurify.data.device import DeviceDataset
 from jaxpurify.errors import UserError
 from jaxpurify.models import build_linear_classifier, check_name, compute_dtype
+from jaxpurify.models.batch_norm import BatchNorm
 from jaxpurify.poisoning import checks
 from jaxpurify.train.state import TrainState
 
@@ -204,7 +205,7 @@ class ConvBlock(nnx.Module):
     init = _torch_uniform(cin * 9)
     self.conv = nnx.Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, bias_init=init, dtype=dtype,
                          rngs=rngs)
-    self.bn = nnx.BatchNorm(cout, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
+    self.bn = BatchNorm(cout, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, rngs=rngs)
     self.relu = relu
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:

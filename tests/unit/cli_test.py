@@ -257,3 +257,13 @@ class CompilationCacheTest(absltest.TestCase):
         self.assertEqual(jax.config.jax_compilation_cache_dir, os.path.join(home, "jaxpurify", "xla"))
       finally:
         jax.config.update("jax_compilation_cache_dir", mine)
+
+  def test_sweeps_and_comparisons_use_the_cache_too(self):
+    """ablate and compare run many experiments in one process: each seed's or cell's steps are new jit functions,
+    so only the persistent cache spares compiling them again."""
+    from jaxpurify import ablate, compare  # pylint: disable=g-import-not-at-top
+    for entry in (ablate.main, compare.main):
+      with absltest.mock.patch.object(cli, "enable_compilation_cache") as enable:
+        with contextlib.redirect_stderr(io.StringIO()):
+          self.assertEqual(entry(["--config", "configs/nope.py"]), 2)
+      enable.assert_called_once()

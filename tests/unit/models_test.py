@@ -11,6 +11,7 @@ from flax import nnx
 
 from jaxpurify.errors import UserError
 from jaxpurify.models import build_encoder, build_ssl_model, describe
+from jaxpurify.models.batch_norm import BatchNorm
 
 
 def n_params(build):
@@ -70,6 +71,49 @@ class ModelsTest(parameterized.TestCase):
     before = stats["stem_bn"]["mean"][...]
     np.testing.assert_array_equal(stats_after(x, False)["stem_bn"]["mean"][...], before)
     self.assertFalse(np.allclose(stats_after(x, True)["stem_bn"]["mean"][...], before))
+
+  @parameterized.parameters(jnp.float32, jnp.bfloat16)
+  def test_batch_norm_is_flax_batch_norm_in_both_modes(self, dtype):
+    """models.BatchNorm against nnx.BatchNorm from the same state: outputs and running statistics bitwise equal in
+    training and inference mode."""
+    make = lambda cls: cls(5, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=nnx.Rngs(0))
+    ours, flax_bn = make(BatchNorm), make(nnx.BatchNorm)
+    for bn in (ours, flax_bn):
+      bn.scale[...], bn.bias[...] = jnp.arange(1.0, 6.0), jnp.arange(5.0) / 3
+      bn.mean[...], bn.var[...] = jnp.full((5,), 0.3), jnp.full((5,), 2.0)
+    x = jax.random.normal(jax.random.key(1), (4, 3, 3, 5)) * 3 + 1
+    for train in (True, False):
+      outputs = []
+      for bn in (ours, flax_bn):
+        graphdef, state = nnx.split(bn)
+
+        @jax.jit
+        def forward(state, x, graphdef=graphdef, train=train):
+          model = nnx.merge(graphdef, state)
+          return model(x, use_running_average=not train), nnx.state(model, nnx.BatchStat)
+        outputs.append(forward(state, x))
+      jax.tree.map(np.testing.assert_array_equal, outputs[0], outputs[1])
+
+  def test_training_trace_never_builds_a_tracer_error_message(self):
+    """nnx.BatchNorm's indexed store of its statistics reads a tracer's `sharding`, whose AttributeError message
+    walks the whole trace (quadratic tracing); our ResNet's training forward traces without one."""
+    from jax._src.interpreters import partial_eval  # pylint: disable=g-import-not-at-top
+    graphdef, params, stats = nnx.split(build_encoder("resnet18", 4, rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+
+    def train_forward(params, stats, x):
+      model = nnx.merge(graphdef, params, stats)
+      return model(x, train=True)[0], nnx.state(model, nnx.BatchStat)
+
+    x = jnp.zeros((2, 32, 32, 3))
+    real = partial_eval.DynamicJaxprTracer._origin_msg
+    with absltest.mock.patch.object(partial_eval.DynamicJaxprTracer, "_origin_msg", autospec=True,
+                                    side_effect=real) as origin:
+      jax.make_jaxpr(train_forward)(params, stats, x)
+      self.assertEqual(origin.call_count, 0)
+      flax_graphdef, flax_state = nnx.split(nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+      jax.make_jaxpr(lambda state, y: nnx.merge(flax_graphdef, state)(y, use_running_average=False))(
+          flax_state, jnp.ones((2, 4)))
+      self.assertGreater(origin.call_count, 0)  # the check sees the slow path where it is taken
 
   def test_unknown_model(self):
     with self.assertRaisesRegex(UserError, "config.model.name"):

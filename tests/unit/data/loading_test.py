@@ -72,6 +72,16 @@ class DigitsTest(absltest.TestCase):
     np.testing.assert_array_equal(again.images, test.images)
     np.testing.assert_array_equal(again.labels, test.labels)
 
+  def test_each_load_is_the_callers_own_copy(self):
+    """The split is built once per process; a caller writing into its images changes no later load."""
+    first = data.load_split("digits", "train")
+    kept = first.images.copy()
+    first.images[:] = 0
+    first.labels[:] = -1
+    again = data.load_split("digits", "train")
+    np.testing.assert_array_equal(again.images, kept)
+    self.assertGreaterEqual(again.labels.min(), 0)
+
   def test_pixels(self):
     got = data.load_split("digits", "train", image_size=8)
     self.assertEqual(got.images.dtype, np.uint8)
